@@ -1,0 +1,56 @@
+"""Stage configurations from a YAML file plus `dotted.key=value` overrides, validated by pydantic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def load_config(
+    cls: type[ConfigT], path: str | Path | None = None, overrides: Iterable[str] = ()
+) -> ConfigT:
+    """`cls` from YAML `path` (optional) with overrides like `optim.lr=0.01` applied on top.
+
+    Override values are parsed as YAML scalars/lists, so `devices=2`, `stores=[a.zarr, b.zarr]`
+    and `tracking_uri=null` do what they say.
+    """
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read configuration ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: configuration must be a mapping, got {type(tree).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return cls.model_validate(tree)
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """Write `config` as YAML that `load_config` reads back to an equal object."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,48 @@
+"""Model files that load without unpickling code: a state dict plus the UNetConfig, weights_only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from segcore.model import UNet, UNetConfig
+
+
+class CheckpointError(ValueError):
+    """A model file is missing, corrupt or not a segflow U-Net."""
+
+
+def save_unet(model: UNet, path: str | Path, extra: dict | None = None) -> None:
+    """Save `model` as {"unet_config", "state_dict", **extra}; written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    payload = {"unet_config": model.config.to_dict(), "state_dict": model.state_dict()}
+    torch.save({**(extra or {}), **payload}, tmp)
+    tmp.replace(path)
+
+
+def load_unet(path: str | Path, map_location: str | torch.device = "cpu") -> UNet:
+    """Rebuild a UNet from a file written by `save_unet` or a segflow Lightning checkpoint."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: model file not found") from exc
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"{path}: not a loadable model file ({type(exc).__name__})") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a segflow model file")
+    config = payload.get("unet_config") or payload.get("hyper_parameters", {}).get("unet_config")
+    if config is None:
+        raise CheckpointError(f"{path}: no U-Net configuration in the file")
+    state = payload["state_dict"]
+    # Lightning checkpoints prefix the wrapped module's parameters with "model.".
+    if all(key.startswith("model.") for key in state):
+        state = {key.removeprefix("model."): value for key, value in state.items()}
+    model = UNet.from_config(UNetConfig(**config))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match its U-Net configuration") from exc
+    return model
