@@ -7,7 +7,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; the stage commands arrive with the flows issue."""
-    print("segflow: the stage commands (ingest, weights, train, infer, run, serve, demo) are not built yet.", file=sys.stderr)
+    print(
+        "segflow: the stage commands are not built yet.",
+        file=sys.stderr,
+    )
     return 2
 
 

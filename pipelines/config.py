@@ -1,4 +1,4 @@
-"""Stage configurations from a YAML file plus `dotted.key=value` overrides, validated by pydantic."""
+"""Stage configurations from YAML plus `dotted.key=value` overrides, validated by pydantic."""
 
 from __future__ import annotations
 
