@@ -1,0 +1,261 @@
+"""Connected components of a chunked class map's foreground, with ids consistent across chunks.
+
+A whole-slide class map does not fit in memory, so `scipy.ndimage.label` runs per chunk and the
+pieces of a component cut by chunk faces are merged afterwards:
+  1. label every chunk on its own (local ids 1..n_c) and keep its four border lines;
+  2. every pair of neighbouring chunks contributes edges (local id above/left, local id
+     below/right) where foreground touches across their shared face (and across corners with
+     8-connectivity); `scipy.sparse.csgraph.connected_components` merges them;
+  3. label every chunk again (cheaper than storing the local labels) and map its local ids to
+     global ids, writing exactly the chunks of `dst` it owns.
+Global ids are deterministic: a component's id is the rank of its first pixel in the order
+(chunk in raster order, then pixel in raster order within the chunk).
+
+Worked example, 1 x 6 map in 1 x 3 chunks, `[1 1 0 | 1 0 1]`: chunk 0 has local id 1 at columns
+0-1, chunk 1 has local ids 1 (column 3) and 2 (column 5). Columns 2 and 3 do not both hold
+foreground, so nothing merges: global ids `[1 1 0 | 2 0 3]`. With `[1 1 1 | 1 0 1]` the face
+pair (column 2, column 3) joins chunk 0's id 1 with chunk 1's id 1: `[1 1 1 | 1 0 2]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import product
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from distributed import Client, as_completed
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+ChunkIndex = tuple[int, int]
+Region = tuple[slice, slice]
+
+
+class ComponentsError(ValueError):
+    """The source and destination arrays do not fit together."""
+
+
+@dataclass(frozen=True)
+class _Borders:
+    """Local labels on the four border lines of one chunk."""
+
+    top: np.ndarray
+    bottom: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+
+
+def _structure(connectivity: int) -> np.ndarray:
+    return ndimage.generate_binary_structure(2, connectivity)
+
+
+def _label_region(src: zarr.Array, region: Region, connectivity: int) -> tuple[np.ndarray, int]:
+    """Local labels of the foreground (non-zero) pixels of `src[region]`."""
+    foreground = np.asarray(src[region]) != 0
+    labels, n = ndimage.label(foreground, structure=_structure(connectivity))
+    return labels, int(n)
+
+
+def _label_borders(src: zarr.Array, region: Region, connectivity: int) -> tuple[int, _Borders]:
+    """Pass 1 task: number of local components of one chunk and its border lines."""
+    labels, n = _label_region(src, region, connectivity)
+    borders = _Borders(
+        top=labels[0].copy(),
+        bottom=labels[-1].copy(),
+        left=labels[:, 0].copy(),
+        right=labels[:, -1].copy(),
+    )
+    return n, borders
+
+
+def _relabel(
+    src: zarr.Array, dst: zarr.Array, region: Region, connectivity: int, lut: np.ndarray
+) -> None:
+    """Pass 3 task: write global ids for one chunk; lut[local id] = global id, lut[0] = 0."""
+    labels, _ = _label_region(src, region, connectivity)
+    dst[region] = lut[labels].astype(dst.dtype, copy=False)
+
+
+def _face_pairs(a: np.ndarray, b: np.ndarray, connectivity: int) -> np.ndarray:
+    """(k, 2) local-id pairs touching across a face; a[i] is adjacent to b[i] (and b[i +- 1])."""
+    shifts = (0,) if connectivity == 1 else (-1, 0, 1)
+    pairs = []
+    for s in shifts:
+        lo, hi = max(0, -s), len(a) - max(0, s)
+        aa, bb = a[lo:hi], b[lo + s : hi + s]
+        touching = (aa != 0) & (bb != 0)
+        pairs.append(np.stack([aa[touching], bb[touching]], axis=1))
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def chunk_regions(shape: tuple[int, ...], grid: tuple[int, ...]) -> dict[ChunkIndex, Region]:
+    """Regions of the (y, x) chunk grid `grid` over `shape`, in raster order."""
+    ny, nx = (-(-s // g) for s, g in zip(shape, grid, strict=True))
+    return {
+        (i, j): (
+            slice(i * grid[0], min((i + 1) * grid[0], shape[0])),
+            slice(j * grid[1], min((j + 1) * grid[1], shape[1])),
+        )
+        for i, j in product(range(ny), range(nx))
+    }
+
+
+def write_grid(array: zarr.Array) -> tuple[int, ...]:
+    """The smallest region writable without touching a neighbour's bytes: shard or chunk."""
+    return tuple(array.shards or array.chunks)
+
+
+def _run(
+    client: Client | None,
+    fn: Callable[..., Any],
+    jobs: Iterable[tuple[Any, tuple]],
+    max_in_flight: int,
+) -> Iterator[tuple[Any, Any]]:
+    """(key, fn(*args)) for every (key, args), in-process or on `client` with a bounded queue."""
+    if client is None:
+        for key, args in jobs:
+            yield key, fn(*args)
+        return
+    jobs = iter(jobs)
+    keys: dict[Any, Any] = {}
+    queue = as_completed()
+    for key, args in jobs:
+        future = client.submit(fn, *args, pure=False)
+        keys[future] = key
+        queue.add(future)
+        if queue.count() >= max_in_flight:
+            break
+    for future in queue:
+        yield keys.pop(future), future.result()
+        future.release()
+        for key, args in jobs:
+            nxt = client.submit(fn, *args, pure=False)
+            keys[nxt] = key
+            queue.add(nxt)
+            break
+
+
+def _neighbour_pairs(
+    index: ChunkIndex, borders: dict[ChunkIndex, _Borders], connectivity: int
+) -> Iterator[tuple[ChunkIndex, ChunkIndex, np.ndarray]]:
+    """Face (and corner) pairs between chunk `index` and its neighbours already in `borders`."""
+    i, j = index
+    me = borders[index]
+    neighbours: list[tuple[ChunkIndex, Callable[[_Borders], np.ndarray]]] = [
+        ((i - 1, j), lambda n: _face_pairs(n.bottom, me.top, connectivity)),
+        ((i + 1, j), lambda n: _face_pairs(me.bottom, n.top, connectivity)[:, ::-1]),
+        ((i, j - 1), lambda n: _face_pairs(n.right, me.left, connectivity)),
+        ((i, j + 1), lambda n: _face_pairs(me.right, n.left, connectivity)[:, ::-1]),
+    ]
+    if connectivity == 2:
+        # Diagonal contact across a chunk corner: one pixel on each side.
+        neighbours += [
+            ((i - 1, j - 1), lambda n: _corner(n.bottom[-1], me.top[0])),
+            ((i - 1, j + 1), lambda n: _corner(n.bottom[0], me.top[-1])),
+            ((i + 1, j - 1), lambda n: _corner(n.top[-1], me.bottom[0])),
+            ((i + 1, j + 1), lambda n: _corner(n.top[0], me.bottom[-1])),
+        ]
+    for other, pairs in neighbours:
+        if other in borders:
+            # Pairs are (neighbour's local id, this chunk's local id).
+            yield other, index, pairs(borders[other])
+
+
+def _corner(a: int, b: int) -> np.ndarray:
+    return np.array([[a, b]]) if a and b else np.empty((0, 2), dtype=np.int64)
+
+
+def _n_neighbours(index: ChunkIndex, grid_shape: tuple[int, int], connectivity: int) -> int:
+    i, j = index
+    offsets = [(-1, 0), (1, 0), (0, -1), (0, 1)]
+    if connectivity == 2:
+        offsets += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
+    return sum(0 <= i + di < grid_shape[0] and 0 <= j + dj < grid_shape[1] for di, dj in offsets)
+
+
+def label_foreground(
+    src: zarr.Array,
+    dst: zarr.Array,
+    client: Client | None = None,
+    connectivity: Literal[1, 2] = 1,
+    max_in_flight: int = 64,
+) -> int:
+    """Label the connected components of `src != 0` into `dst`; returns the number of components.
+
+    `dst` (same shape as `src`, an unsigned integer dtype) is written chunk by chunk (shard by
+    shard when sharded), each by exactly one task. `connectivity` 1 joins edge neighbours,
+    2 also diagonal ones. Runs in-process when `client` is None, else on the Dask cluster with
+    at most `max_in_flight` tasks queued, so memory stays bounded for any array size.
+    """
+    if src.ndim != 2 or src.shape != dst.shape:
+        raise ComponentsError(
+            f"{dst.store_path}: shape {dst.shape} does not match the class map {src.shape}"
+        )
+    if dst.dtype.kind != "u":
+        raise ComponentsError(
+            f"{dst.store_path}: instance ids need an unsigned dtype, not {dst.dtype}"
+        )
+    if connectivity not in (1, 2):
+        raise ComponentsError(f"connectivity must be 1 or 2, got {connectivity}")
+    regions = chunk_regions(src.shape, write_grid(dst))
+    grid_shape = max(regions)[0] + 1, max(regions)[1] + 1
+
+    # Pass 1: local counts, and merge edges gathered as border lines arrive; a chunk's borders
+    # are dropped once all its neighbours have been seen, so memory follows the work front.
+    counts: dict[ChunkIndex, int] = {}
+    borders: dict[ChunkIndex, _Borders] = {}
+    seen_neighbours: dict[ChunkIndex, int] = dict.fromkeys(regions, 0)
+    edges: list[tuple[ChunkIndex, ChunkIndex, np.ndarray]] = []
+    jobs = ((index, (src, region, connectivity)) for index, region in regions.items())
+    for index, (n, chunk_borders) in _run(client, _label_borders, jobs, max_in_flight):
+        counts[index] = n
+        borders[index] = chunk_borders
+        for other, me, pairs in _neighbour_pairs(index, borders, connectivity):
+            if len(pairs):
+                edges.append((other, me, pairs))
+            for done in (other, me):
+                seen_neighbours[done] += 1
+                if seen_neighbours[done] == _n_neighbours(done, grid_shape, connectivity):
+                    del borders[done]
+        if _n_neighbours(index, grid_shape, connectivity) == 0:
+            del borders[index]
+
+    # Pass 2: node k = local component in raster order of chunks; merge touching ones.
+    offsets, total = {}, 0
+    for index in regions:  # raster order
+        offsets[index] = total
+        total += counts[index]
+    if total == 0:
+        lut_global = np.zeros(0, dtype=np.int64)
+        n_components = 0
+    else:
+        rows = [offsets[a] + p[:, 0] - 1 for a, _, p in edges]
+        cols = [offsets[b] + p[:, 1] - 1 for _, b, p in edges]
+        r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+        graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(total, total))
+        n_components, component = connected_components(graph, directed=False)
+        # Renumber by first node so ids follow raster order whatever order scipy assigns.
+        first = np.full(n_components, total, dtype=np.int64)
+        np.minimum.at(first, component, np.arange(total))
+        rank = np.empty(n_components, dtype=np.int64)
+        rank[np.argsort(first)] = np.arange(1, n_components + 1)
+        lut_global = rank[component]
+    if n_components > np.iinfo(dst.dtype).max:
+        raise ComponentsError(f"{dst.store_path}: {n_components} components overflow {dst.dtype}")
+
+    # Pass 3: every chunk gets its slice of the lookup table (local id -> global id).
+    def lut(index: ChunkIndex) -> np.ndarray:
+        start = offsets[index]
+        return np.concatenate([[0], lut_global[start : start + counts[index]]]).astype(dst.dtype)
+
+    jobs = (
+        (index, (src, dst, region, connectivity, lut(index))) for index, region in regions.items()
+    )
+    for _ in _run(client, _relabel, jobs, max_in_flight):
+        pass
+    return int(n_components)
