@@ -1,0 +1,187 @@
+"""Chunked weight maps of a slide store must equal `weight_map` of the whole image."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import pipelines.weightmaps as weightmaps
+from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.weightmaps import WeightsConfig, WeightsError, compute_weight_maps
+from segcore.store import SlideStore, StoreError
+from segcore.weights import separate_touching, training_target, weight_map
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client(ClusterConfig(n_workers=1, threads_per_worker=2, processes=False)) as c:
+        yield c
+
+
+def make_store(
+    path: Path,
+    labels: np.ndarray | None,
+    chunk: int = 256,
+    shard: int | None = None,
+    shape: tuple[int, int] | None = None,
+) -> Path:
+    """A minimal segflow slide store (image level 0 + annotations) in the segcore.store layout."""
+    shape = shape or labels.shape
+    root = zarr.open_group(path, mode="w")
+    root.attrs["segflow"] = {"source": "test", "checksum": "test-checksum"}
+    root.attrs["ome"] = {"multiscales": [{"datasets": [{"path": "0"}]}]}
+    root.create_array(
+        "0",
+        shape=(3, *shape),
+        dtype=np.uint8,
+        chunks=(3, chunk, chunk),
+        shards=(3, shard, shard) if shard else None,
+    )
+    if labels is not None:
+        annotations = root.create_group("labels").create_group("annotations")
+        annotations.create_array("0", data=labels.astype(np.uint32), chunks=(chunk, chunk))
+    return path
+
+
+def cells_across_chunks(shape: tuple[int, int], chunk: int, n_cells: int, seed: int) -> np.ndarray:
+    """Touching disks, half of them centred on chunk borders or the image edge."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, dtype=np.uint32)
+    for cell in range(1, n_cells + 1):
+        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        if cell % 2:  # snap one coordinate onto a chunk border or the image edge
+            grid = np.arange(0, shape[cell % 4 // 2] + 1, chunk)
+            edge = grid[np.abs(grid - (cy, cx)[cell % 4 // 2]).argmin()] + rng.uniform(-3, 3)
+            cy, cx = (edge, cx) if cell % 4 // 2 == 0 else (cy, edge)
+        radius = rng.uniform(3, 13)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = cell * 7919  # non-contiguous ids
+    return labels
+
+
+def stored(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    slide = SlideStore.open(path)
+    return slide.target[:], slide.weight[:], dict(slide.weight.attrs["weights"])
+
+
+def test_chunked_weight_map_equals_whole_image(tmp_path, client):
+    labels = cells_across_chunks((1100, 1300), chunk=256, n_cells=500, seed=0)
+    path = make_store(tmp_path / "slide.zarr", labels, chunk=256)
+    config = WeightsConfig(block_size=256)  # 5 x 6 blocks, thin last column (1300 = 5*256 + 20)
+    result = compute_weight_maps(path, config, client)
+    assert result.status == "written"
+
+    separated = separate_touching(labels)
+    n_cell = int((separated > 0).sum())
+    assert result.class_counts == (labels.size - n_cell, n_cell)
+    whole = weight_map(separated)  # own class counts = the slide's, default tolerance 1e-4
+    target, weight, attrs = stored(path)
+    assert np.abs(weight - whole).max() <= 1e-3
+    # Same tolerance: the halo makes every block see what the whole image sees.
+    same_cutoff = weight_map(separated, tolerance=config.tolerance)
+    np.testing.assert_allclose(weight, same_cutoff, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(target, training_target(labels))
+    # The border term crosses chunk borders (else this test would prove nothing).
+    border = whole - np.where(separated > 0, result.class_weights[1], result.class_weights[0])
+    assert (border[255:257, :] > 1.0).sum() > 20 and (border[:, 767:769] > 1.0).sum() > 20
+
+    slide = SlideStore.open(path)
+    assert slide.weight.dtype == np.float32 and slide.target.dtype == np.uint8
+    assert slide.weight.chunks == slide.target.chunks == (256, 256)
+    assert attrs["halo"] == result.halo == 22
+    assert attrs["w0"] == 10.0 and attrs["sigma"] == 5.0 and attrs["tolerance"] == 1e-3
+    assert attrs["store_checksum"] == "test-checksum"
+    assert attrs["class_counts"] == list(result.class_counts)
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
+
+
+def test_reruns_skip_until_settings_or_annotations_change(tmp_path, client):
+    labels = cells_across_chunks((300, 260), chunk=128, n_cells=60, seed=1)
+    path = make_store(tmp_path / "slide.zarr", labels, chunk=128)
+    config = WeightsConfig(block_size=128)
+    assert compute_weight_maps(path, config, client).status == "written"
+    assert compute_weight_maps(path, config, client).status == "skipped"
+
+    sharper = config.model_copy(update={"sigma": 3.0})
+    assert compute_weight_maps(path, sharper, client).status == "written"
+    assert stored(path)[2]["sigma"] == 3.0
+
+    annotations = zarr.open_array(path / "labels" / "annotations" / "0", mode="r+")
+    annotations[10:20, 10:20] = 99_999
+    assert compute_weight_maps(path, sharper, client).status == "written"
+    expected = weight_map(separate_touching(annotations[:]), sigma=3.0, tolerance=1e-3)
+    np.testing.assert_allclose(stored(path)[1], expected, atol=1e-6)
+
+
+def test_configured_class_weights_are_used(tmp_path, client):
+    labels = cells_across_chunks((200, 200), chunk=64, n_cells=30, seed=2)
+    path = make_store(tmp_path / "slide.zarr", labels, chunk=64)
+    config = WeightsConfig(block_size=64, class_weights=(1.0, 4.0), w0=0.0)
+    result = compute_weight_maps(path, config, client)
+    assert result.class_weights == (1.0, 4.0) and result.halo == 0
+    target, weight, _ = stored(path)
+    np.testing.assert_array_equal(weight, np.where(target == 1, 4.0, 1.0).astype(np.float32))
+
+
+def test_real_nuclei_with_sharded_level_zero(tmp_path, client):
+    path = DATA / "dsb2018_stardist" / "mask2d.tif"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    tifffile = pytest.importorskip("tifffile")
+    labels = tifffile.imread(path)
+    store = make_store(tmp_path / "dsb.zarr", labels, chunk=64, shard=128)
+    result = compute_weight_maps(store, WeightsConfig(block_size=64), client)
+    _, weight, _ = stored(store)
+    assert np.abs(weight - weight_map(separate_touching(labels))).max() <= 1e-3
+    assert result.class_counts[1] > 0.15 * labels.size
+    slide = SlideStore.open(store)
+    assert slide.weight.shards == (128, 128) and slide.weight.chunks == (64, 64)
+
+
+def test_failed_run_keeps_previous_maps_and_leaves_nothing_behind(tmp_path, client, monkeypatch):
+    labels = cells_across_chunks((256, 256), chunk=64, n_cells=40, seed=3)
+    path = make_store(tmp_path / "slide.zarr", labels, chunk=64)
+    compute_weight_maps(path, WeightsConfig(block_size=64), client)
+    before = stored(path)
+    (path / ".training-tmp-crashed").mkdir()  # what a killed run leaves
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(weightmaps, "_weight_block", explode)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        compute_weight_maps(path, WeightsConfig(block_size=64, sigma=4.0), client)
+    after = stored(path)
+    np.testing.assert_array_equal(after[1], before[1])
+    assert after[2] == before[2]
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+def test_consolidated_store_shows_the_new_maps(tmp_path, client):
+    labels = cells_across_chunks((128, 128), chunk=64, n_cells=10, seed=4)
+    path = make_store(tmp_path / "slide.zarr", labels, chunk=64)
+    zarr.consolidate_metadata(path)
+    compute_weight_maps(path, WeightsConfig(block_size=64), client)
+    assert zarr.open_group(path, mode="r")["training/weight"].shape == (128, 128)
+
+
+def test_store_without_annotations_is_named_in_the_error(tmp_path, client):
+    path = make_store(tmp_path / "bare.zarr", None, shape=(64, 64))
+    with pytest.raises(WeightsError, match=r"bare\.zarr: no annotations"):
+        compute_weight_maps(path, WeightsConfig(), client)
+    assert not (path / "training").exists()
+
+
+def test_mismatched_annotations_are_rejected(tmp_path, client):
+    path = make_store(tmp_path / "odd.zarr", np.zeros((64, 60), np.uint32), shape=(64, 64))
+    with pytest.raises(WeightsError, match=r"odd\.zarr: annotations shape \(64, 60\)"):
+        compute_weight_maps(path, WeightsConfig(), client)
+
+
+def test_not_a_store_is_rejected(tmp_path, client):
+    with pytest.raises(StoreError, match="nothing.zarr"):
+        compute_weight_maps(tmp_path / "nothing.zarr", WeightsConfig(), client)
