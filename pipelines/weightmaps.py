@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 import zarr
 from dask.delayed import Delayed
-from distributed import Client
+from distributed import Client, futures_of
 from pydantic import BaseModel, Field, NonNegativeFloat
 
 from pipelines.cluster import ClusterConfig, dask_client
@@ -193,7 +193,15 @@ def _write_maps(
         # aligned to stored chunks.
         target = (separated > 0).astype(np.uint8)
         weight = weight.rechunk(separated.chunks)
-        client.compute(da.store([target, weight], arrays, lock=False, compute=False), sync=True)
+        # Each store task writes its block and returns None: nothing large comes back here.
+        written = futures_of(
+            client.persist(list(da.store([target, weight], arrays, lock=False, compute=False)))
+        )
+        try:
+            client.gather(written)
+        except BaseException:
+            client.cancel(written)  # stop writing a map that is being thrown away
+            raise
         for array in arrays:
             array.attrs[ATTRS_KEY] = attrs
         _swap_into_place(slide.path, tmp_name)

@@ -157,6 +157,10 @@ def test_failed_run_keeps_previous_maps_and_leaves_nothing_behind(tmp_path, clie
     after = stored(path)
     np.testing.assert_array_equal(after[1], before[1])
     assert after[2] == before[2]
+
+    monkeypatch.undo()  # the next run clears what blocks still in flight may have left
+    compute_weight_maps(path, WeightsConfig(block_size=64, sigma=4.0), client)
+    assert stored(path)[2]["sigma"] == 4.0
     assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
 
 
