@@ -144,7 +144,9 @@ def rand_error(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if y_true.ndim == 2:
         return 1.0 - rand_scores(y_true, y_pred)[2]
     if y_true.ndim == 3:
-        return float(np.nanmean([rand_error(t, p) for t, p in zip(y_true, y_pred, strict=True)]))
+        errors = np.array([rand_error(t, p) for t, p in zip(y_true, y_pred, strict=True)])
+        defined = errors[~np.isnan(errors)]  # slices without any true cell have no Rand error
+        return float(defined.mean()) if defined.size else float("nan")
     raise MetricInputError(f"Rand error needs H x W or N x H x W maps, got shape {y_true.shape}")
 
 

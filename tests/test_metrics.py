@@ -142,6 +142,11 @@ def test_rand_error_of_a_stack_is_the_mean_of_its_slices():
     per_slice = [rand_error(t, p) for t, p in zip(cells, pred, strict=True)]
     assert per_slice[0] != per_slice[1]
     assert rand_error(cells, pred) == pytest.approx(np.mean(per_slice))
+    with_empty = np.concatenate([cells, np.zeros_like(cells[:1])])
+    assert np.isnan(rand_error(with_empty[2], with_empty[2]))
+    assert rand_error(with_empty, np.concatenate([pred, pred[:1]])) == pytest.approx(
+        np.mean(per_slice)
+    )
 
 
 def test_rand_error_best_picks_the_best_threshold():
