@@ -2,7 +2,7 @@
 
 Prints, per interpolation mode and channel count, the median seconds per batch over a few
 repeats, the input megapixels per second, and the share of the time the elastic resampling
-takes (the same run with elastic=False gives the rest), all measured in one run.
+takes (alternating with runs with elastic=False, which give the rest), all in one run.
 Usage: python benchmarks/augment.py [--device cuda] [--repeats 7]
 """
 
@@ -18,20 +18,26 @@ import torch
 from segcore.augment import AugmentConfig, augment_batch
 
 
-def median_seconds(batch: tuple, config: AugmentConfig, device: str, repeats: int) -> float:
-    """Median wall time of augment_batch over `repeats` calls after one warm-up call."""
-    generator = torch.Generator(device=device).manual_seed(0)
+def _seconds(batch: tuple, config: AugmentConfig, generator: torch.Generator, device: str) -> float:
+    """Wall time of one augment_batch call, waiting for the device to finish."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     augment_batch(*batch, config, generator)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        augment_batch(*batch, config, generator)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_seconds(
+    batch: tuple, configs: list[AugmentConfig], device: str, repeats: int
+) -> list[float]:
+    """Median seconds per config; the configs alternate so that load changes hit all alike."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    for config in configs:
+        _seconds(batch, config, generator, device)  # warm-up
+    times = [[_seconds(batch, c, generator, device) for c in configs] for _ in range(repeats)]
+    return [statistics.median(column) for column in zip(*times, strict=True)]
 
 
 def main() -> None:
@@ -52,8 +58,8 @@ def main() -> None:
         )
         for mode in ("bicubic", "bilinear"):
             config = AugmentConfig(image_mode=mode)
-            full = median_seconds(batch, config, args.device, args.repeats)
-            rest = median_seconds(batch, replace(config, elastic=False), args.device, args.repeats)
+            configs = [config, replace(config, elastic=False)]
+            full, rest = median_seconds(batch, configs, args.device, args.repeats)
             mpx = n * side * side / 1e6
             print(
                 f"C={channels} {mode:8s}: {full:.4f} s/batch, {mpx / full:.1f} input Mpx/s, "
