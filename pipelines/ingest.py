@@ -1,0 +1,567 @@
+"""Stage 1, ingestion: slides and their label images become OME-Zarr slide stores.
+
+Per slide (`ingest_slide`), in the layout of `segcore.store`:
+  1. checksum the source files (streamed sha256); when the store already holds the same
+     checksum and settings, skip it;
+  2. write everything into a hidden sibling `.<name>.zarr.tmp-<pid>`: level 0 region by
+     region (Dask tasks that open the reader themselves, so nothing unpicklable travels and
+     memory per task is one region), then each pyramid level from the level above, the
+     annotations (a binary mask's connected components become instances) with their own
+     pyramid, the tissue mask from a coarse level, and the metadata last;
+  3. rename the finished store into place; a failed slide leaves nothing behind.
+`ingest_archive` runs many slides at once on one Dask cluster and reports per slide, so one
+bad slide never stops the others. Stores must live on a file system every worker can reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import dask
+import numpy as np
+import psutil
+import zarr
+from distributed import Client
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.components import label_foreground
+from segcore import ngff
+from segcore.readers import (
+    SUPPORTED_SUFFIXES,
+    ReaderError,
+    open_labels,
+    open_slide,
+    page_count,
+)
+from segcore.store import ANNOTATIONS, METADATA_KEY, TISSUE
+from segcore.tissue import EmptySlideError, TissueConfig, tissue_downsample, tissue_mask
+
+#: Label files next to `<name>.<ext>`: `<name>_labels.*`, `<name>_mask.*`, or `<dir>/<name>.*`.
+LABEL_SUFFIXES = ("_labels", "_mask")
+LABEL_FOLDERS = ("labels", "label", "masks", "mask")
+_IMAGE_DTYPES = ("uint8", "uint16")
+_UINT32_MAX = int(np.iinfo(np.uint32).max)
+
+
+class IngestError(ValueError):
+    """A slide cannot be ingested; the message starts with the offending file's path."""
+
+
+class IngestConfig(BaseModel):
+    """Ingestion settings. Everything but `cluster`, `parallel_slides` and `overwrite` shapes
+    the store, and a change re-ingests slides that were ingested with other settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_size: int = Field(default=1024, ge=16)
+    #: Level-0 pixels read per Dask task, in chunks per side (2: 2048 x 2048 px regions).
+    region_chunks: int = Field(default=2, ge=1)
+    compression: ngff.Compression = ngff.Compression()
+    #: Pyramid levels halve the slide until its shorter side is at most this many px.
+    min_level_size: int = Field(default=1024, ge=1)
+    tissue: TissueConfig = TissueConfig()
+    #: "auto": a label image with a single non-zero value is a binary mask whose connected
+    #: components become instances; any other is an instance label image.
+    labels_kind: Literal["auto", "binary", "instances"] = "auto"
+    openslide_cache_mb: int = Field(default=8, ge=0)
+    parallel_slides: int = Field(default=2, ge=1)
+    cluster: ClusterConfig = ClusterConfig()
+    overwrite: bool = False
+
+    def settings(self) -> dict:
+        """The settings that shape a store, as stored in its metadata."""
+        return self.model_dump(
+            mode="json",
+            exclude={"cluster", "parallel_slides", "overwrite", "openslide_cache_mb"},
+        )
+
+
+class SlideSource(BaseModel):
+    """One slide to ingest: an image file, its optional label image, and the page of a stack."""
+
+    model_config = ConfigDict(frozen=True)
+
+    image: Path
+    labels: Path | None = None
+    page: int | None = Field(default=None, ge=0)
+
+    @property
+    def name(self) -> str:
+        """Store name without `.zarr`: the file name less its extension(s), plus `-pNNN`."""
+        stem = self.image.name
+        for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        stem = stem.removesuffix(".ome")
+        return stem if self.page is None else f"{stem}-p{self.page:03d}"
+
+
+class IngestResult(BaseModel):
+    """What happened to one slide."""
+
+    source: SlideSource
+    store: Path
+    status: Literal["written", "skipped", "failed"]
+    error: str | None = None
+    seconds: float = 0.0
+    shape: tuple[int, int, int] | None = None
+    checksum: str | None = None
+    mb_written: float = 0.0
+
+
+# --- sources ------------------------------------------------------------------------------
+
+
+def _find_label(image: Path, name: str) -> Path | None:
+    candidates = [image.with_name(name + s) for s in LABEL_SUFFIXES]
+    candidates += [image.parent / folder / name for folder in LABEL_FOLDERS]
+    if image.parent.name in ("images", "image"):
+        candidates += [image.parent.parent / folder / name for folder in LABEL_FOLDERS]
+    for stem in candidates:
+        for ext in sorted({image.suffix, *SUPPORTED_SUFFIXES}, key=lambda e: e != image.suffix):
+            path = stem.with_name(stem.name + ext)
+            if path.is_file():
+                return path
+    return None
+
+
+def expand_pages(source: SlideSource) -> list[SlideSource]:
+    """A multi-page TIFF stack without a page becomes one source per page; others stay."""
+    if source.page is not None:
+        return [source]
+    try:
+        n_pages = page_count(source.image)
+    except ReaderError as exc:
+        raise IngestError(str(exc)) from exc
+    if n_pages == 1:
+        return [source]
+    return [source.model_copy(update={"page": p}) for p in range(n_pages)]
+
+
+def discover_sources(folder: str | Path) -> list[SlideSource]:
+    """The slides in `folder` (not recursive), sorted by name, stacks expanded into pages.
+
+    A file `<name>.<ext>` with a supported extension is a slide; its label image is the first
+    that exists of `<name>_labels.*`, `<name>_mask.*`, `labels|label|masks|mask/<name>.*` in
+    the folder and, when the folder is called `images` or `image`, the same sub-folders beside
+    it (`train/image/0.png` pairs with `train/label/0.png`). The label extension may differ
+    from the image's (a TIFF slide with a PNG mask). Files ending in `_labels`/`_mask` are
+    labels, never slides. Unreadable files are listed as they are, for ingestion to report.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IngestError(f"{folder}: not a folder")
+    sources = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        name = SlideSource(image=path).name
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES or name.endswith(LABEL_SUFFIXES):
+            continue
+        source = SlideSource(image=path, labels=_find_label(path, name))
+        try:
+            sources.extend(expand_pages(source))
+        except IngestError:  # unreadable: kept whole, so ingesting it reports the problem
+            sources.append(source)
+    return sources
+
+
+def _source_files(path: Path) -> list[Path]:
+    """The files a slide's pixels come from: MIRAX keeps them in a folder beside the .mrxs."""
+    files = [path]
+    companion = path.with_suffix("")
+    if path.suffix.lower() == ".mrxs" and companion.is_dir():
+        files += sorted(p for p in companion.rglob("*") if p.is_file())
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_checksums(source: SlideSource) -> dict[str, str]:
+    """sha256 of every source file, streamed; keys are the file paths."""
+    paths = _source_files(source.image) + ([source.labels] if source.labels else [])
+    try:
+        return {str(p): _sha256(p) for p in paths}
+    except OSError as exc:
+        raise IngestError(f"{exc.filename or source.image}: cannot read ({exc.strerror})") from exc
+
+
+def _combined_checksum(files: dict[str, str], source: SlideSource) -> str:
+    """One sha256 over the files' contents, roles and the page (not the paths: a moved
+    archive is not re-ingested)."""
+    roles = ["labels" if path == str(source.labels) else "image" for path in files]
+    parts = [f"{role}:{digest}" for role, digest in zip(roles, files.values(), strict=True)]
+    parts.append(f"page:{source.page}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# --- region tasks (run on Dask workers; they open their own readers) ----------------------
+
+
+def _write_image_region(
+    path: Path, page: int | None, cache_bytes: int, dst: zarr.Array, region: ngff.Region
+) -> None:
+    ys, xs = region
+    with open_slide(path, page, cache_bytes) as reader:
+        block = reader.read_region(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
+    dst[:, ys, xs] = block
+
+
+def _write_label_region(
+    path: Path, page: int | None, dst: zarr.Array, region: ngff.Region
+) -> tuple[int, int, int]:
+    """Copy label ids into `dst`; returns (min, max, smallest non-zero) of the region."""
+    ys, xs = region
+    with open_labels(path, page) as reader:
+        block = reader.read_region(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)[0]
+    low, high = int(block.min()), int(block.max())
+    if low < 0:
+        raise ReaderError(
+            f"{path}: negative label {low} at rows {ys.start}..{ys.stop}, columns "
+            f"{xs.start}..{xs.stop}; label images must hold non-negative integer ids"
+        )
+    if high > _UINT32_MAX:
+        raise ReaderError(f"{path}: label id {high} does not fit in uint32")
+    nonzero = block[block != 0]
+    dst[ys, xs] = block.astype(np.uint32)
+    return low, high, int(nonzero.min()) if nonzero.size else 0
+
+
+def _run(client: Client | None, fn: Callable, calls: Sequence[tuple]) -> list:
+    """fn(*args) for every args tuple: on the cluster, or on local threads without one."""
+    tasks = [dask.delayed(fn, pure=False)(*args) for args in calls]
+    return list(dask.compute(*tasks, scheduler=client if client is not None else "threads"))
+
+
+def _build_pyramid(
+    levels: list[zarr.Array], method: ngff.Method, region_size: int, client: Client | None
+) -> None:
+    """Fill levels 1.. from level 0, one level after another (a region of `region_size` px
+    of level k+1 reads twice that of level k)."""
+    for src, dst in zip(levels, levels[1:], strict=False):
+        calls = [(src, dst, r, method) for r in ngff.level_regions(dst.shape, region_size)]
+        _run(client, ngff.downsample_region, calls)
+
+
+# --- one slide ----------------------------------------------------------------------------
+
+
+def _remove_stale(out_dir: Path, store_name: str) -> None:
+    """Remove temporary and superseded copies of this store left by runs that died."""
+    for path in out_dir.glob(f".{store_name}.*-*"):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _existing_metadata(store: Path) -> dict | None:
+    try:
+        return dict(zarr.open_group(store, mode="r").attrs.get(METADATA_KEY, {})) or None
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _probe(source: SlideSource) -> tuple[tuple[int, int, int], np.dtype, float | None, bool]:
+    """Shape, dtype, mpp and laziness of the slide; checks the label image against it."""
+    with open_slide(source.image, source.page) as reader:
+        shape, dtype, mpp, lazy = reader.shape, reader.dtype, reader.mpp, reader.lazy
+    if shape[1] == 0 or shape[2] == 0:
+        raise IngestError(f"{source.image}: empty slide ({shape[1]} x {shape[2]} px)")
+    if dtype.name not in _IMAGE_DTYPES:
+        raise IngestError(f"{source.image}: unsupported pixel type {dtype} (uint8 or uint16)")
+    if source.labels is not None:
+        with open_labels(source.labels, source.page) as labels:
+            if labels.shape[1:] != shape[1:]:
+                raise IngestError(
+                    f"{source.labels}: label image is {labels.shape[1]} x {labels.shape[2]} px "
+                    f"but the slide {source.image} is {shape[1]} x {shape[2]} px"
+                )
+            lazy = lazy and labels.lazy
+    return shape, dtype, mpp, lazy
+
+
+def _write_labels(
+    root: zarr.Group,
+    source: SlideSource,
+    shape: tuple[int, int],
+    n_levels: int,
+    mpp: float | None,
+    region_size: int,
+    config: IngestConfig,
+    client: Client | None,
+) -> dict:
+    """labels/annotations with its pyramid; returns the label metadata."""
+    levels = ngff.create_label(
+        root,
+        ANNOTATIONS,
+        shape,
+        np.uint32,
+        n_levels,
+        chunk_size=config.chunk_size,
+        compression=config.compression,
+        mpp=mpp,
+    )
+    regions = ngff.level_regions(shape, region_size)
+    calls = [(source.labels, source.page, levels[0], r) for r in regions]
+    stats = _run(client, _write_label_region, calls)
+    high = max(s[1] for s in stats)
+    nonzero = [s[2] for s in stats if s[2]]
+    single_value = bool(nonzero) and min(nonzero) == high
+    binary = config.labels_kind == "binary" or (config.labels_kind == "auto" and single_value)
+    n_instances = None
+    if binary:
+        # Components are labelled in place: each final task reads and rewrites only its chunk.
+        n_instances = label_foreground(levels[0], levels[0], client)
+    _build_pyramid(levels, "nearest", config.chunk_size, client)
+    return {
+        "kind": "binary" if binary else "instances",
+        "source_max": high,
+        "n_instances": n_instances,
+    }
+
+
+def _write_tissue(
+    root: zarr.Group, levels: list[zarr.Array], mpp: float | None, config: IngestConfig
+) -> tuple[int, float]:
+    """labels/tissue at 1/tissue_downsample of level 0; returns (downsample, fraction)."""
+    downsample = tissue_downsample(levels[0].shape, config.tissue.max_size)
+    k = min(downsample.bit_length() - 1, len(levels) - 1)
+    factor = downsample >> k
+    source = levels[k]
+    if factor > 1:
+        coarse = np.round(ngff.downsample_array(source, factor)).astype(source.dtype)
+    else:
+        coarse = source[...]
+    mask = tissue_mask(coarse, config.tissue)
+    (array,) = ngff.create_label(
+        root,
+        TISSUE,
+        mask.shape,
+        np.uint8,
+        1,
+        chunk_size=max(mask.shape),
+        compression=config.compression,
+        mpp=mpp,
+        downsample=downsample,
+        colors=[{"label-value": 1, "rgba": [0, 200, 0, 96]}],
+        properties=[{"label-value": 1, "class": "tissue"}],
+    )
+    array[...] = mask.astype(np.uint8)
+    return downsample, float(mask.mean())
+
+
+def _segflow_version() -> str:
+    try:
+        return importlib.metadata.version("segflow")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _write_store(
+    tmp: Path,
+    source: SlideSource,
+    files: dict[str, str],
+    checksum: str,
+    config: IngestConfig,
+    client: Client | None,
+) -> tuple[int, int, int]:
+    shape, dtype, mpp, lazy = _probe(source)
+    # Pillow decodes a whole PNG/JPEG anyway, so one task reads it once, not once per region.
+    region_size = config.chunk_size * config.region_chunks if lazy else max(shape[1:])
+    root = zarr.open_group(tmp, mode="w", zarr_format=3)
+    levels = ngff.create_image(
+        root,
+        shape,
+        dtype,
+        chunk_size=config.chunk_size,
+        min_level_size=config.min_level_size,
+        compression=config.compression,
+        mpp=mpp,
+    )
+    cache = config.openslide_cache_mb << 20
+    regions = ngff.level_regions(shape, region_size)
+    calls = [(source.image, source.page, cache, levels[0], r) for r in regions]
+    _run(client, _write_image_region, calls)
+    _build_pyramid(levels, "mean", config.chunk_size, client)
+    labels = None
+    if source.labels is not None:
+        labels = _write_labels(
+            root, source, shape[1:], len(levels), mpp, region_size, config, client
+        )
+    try:
+        downsample, fraction = _write_tissue(root, levels, mpp, config)
+    except EmptySlideError as exc:
+        raise IngestError(f"{source.image}: {exc}") from exc
+    image_bytes = sum(Path(p).stat().st_size for p in files if p != str(source.labels))
+    root.attrs[METADATA_KEY] = {
+        "source": str(source.image),
+        "source_bytes": image_bytes,
+        "labels_source": str(source.labels) if source.labels else None,
+        "labels_bytes": source.labels.stat().st_size if source.labels else None,
+        "page": source.page,
+        "checksum": checksum,
+        "file_checksums": files,
+        "shape": list(shape),
+        "dtype": dtype.name,
+        "mpp": mpp,
+        "n_levels": len(levels),
+        "labels": labels,
+        "tissue_downsample": downsample,
+        "tissue_fraction": fraction,
+        "settings": config.settings(),
+        "segflow_version": _segflow_version(),
+        "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return shape
+
+
+def _size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final`; an older `final` is renamed aside first, then removed."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
+
+
+def ingest_slide(
+    source: SlideSource,
+    out_dir: str | Path,
+    config: IngestConfig | None = None,
+    client: Client | None = None,
+) -> IngestResult:
+    """Ingest one slide into `<out_dir>/<name>.zarr` (skipped when unchanged); region work runs
+    on `client`, or on local threads without one. Bad input raises `IngestError`."""
+    config = config or IngestConfig()
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    final = out_dir / f"{source.name}.zarr"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out_dir, final.name)
+    for path in (source.image, source.labels):
+        if path is not None and not path.exists():
+            raise IngestError(f"{path}: no such file")
+    files = file_checksums(source)
+    checksum = _combined_checksum(files, source)
+    existing = _existing_metadata(final)
+    if (
+        not config.overwrite
+        and existing is not None
+        and existing.get("checksum") == checksum
+        and existing.get("settings") == config.settings()
+    ):
+        return IngestResult(
+            source=source,
+            store=final,
+            status="skipped",
+            seconds=time.perf_counter() - started,
+            shape=tuple(existing["shape"]),
+            checksum=checksum,
+        )
+    tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        shape = _write_store(tmp, source, files, checksum, config, client)
+        mb = _size_mb(tmp)
+        _replace(tmp, final)
+    except IngestError:
+        raise
+    except ValueError as exc:  # ReaderError and friends already name their file
+        message = str(exc)
+        if not message.startswith(str(source.image)) and not (
+            source.labels and message.startswith(str(source.labels))
+        ):
+            message = f"{source.image}: {message}"
+        raise IngestError(message) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return IngestResult(
+        source=source,
+        store=final,
+        status="written",
+        seconds=time.perf_counter() - started,
+        shape=shape,
+        checksum=checksum,
+        mb_written=mb,
+    )
+
+
+def _failed(source: SlideSource, store: Path, error: str, started: float) -> IngestResult:
+    return IngestResult(
+        source=source,
+        store=store,
+        status="failed",
+        error=error.splitlines()[0] if error else "failed",
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _ingest_or_fail(
+    source: SlideSource, out_dir: Path, config: IngestConfig, client: Client | None
+) -> IngestResult:
+    started = time.perf_counter()
+    try:
+        return ingest_slide(source, out_dir, config, client)
+    except IngestError as exc:
+        return _failed(source, out_dir / f"{source.name}.zarr", str(exc), started)
+    except Exception as exc:  # one slide's unexpected failure must not end the archive run
+        message = f"{source.image}: {type(exc).__name__}: {exc}"
+        return _failed(source, out_dir / f"{source.name}.zarr", message, started)
+
+
+def ingest_archive(
+    sources: Iterable[SlideSource],
+    out_dir: str | Path,
+    config: IngestConfig | None = None,
+    client: Client | None = None,
+) -> list[IngestResult]:
+    """Ingest many slides (stacks expanded into pages), `config.parallel_slides` at a time on
+    one Dask cluster (`client`, or one started from `config.cluster`); one result per slide."""
+    config = config or IngestConfig()
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    expanded: list[SlideSource | IngestResult] = []
+    for source in sources:
+        try:
+            expanded.extend(expand_pages(source))
+        except IngestError as exc:
+            expanded.append(_failed(source, out_dir / f"{source.name}.zarr", str(exc), started))
+    owners: dict[str, int] = {}
+    for i, item in enumerate(expanded):
+        if isinstance(item, SlideSource) and owners.setdefault(item.name, i) != i:
+            owner = expanded[owners[item.name]]
+            error = f"{item.image}: store name {item.name}.zarr is already used by {owner.image}"
+            expanded[i] = _failed(item, out_dir / f"{item.name}.zarr", error, started)
+    todo = [i for i, item in enumerate(expanded) if isinstance(item, SlideSource)]
+    with (
+        nullcontext(client) if client is not None else dask_client(config.cluster) as cluster,
+        ThreadPoolExecutor(max_workers=config.parallel_slides) as pool,
+    ):
+        run = pool.map(lambda i: _ingest_or_fail(expanded[i], out_dir, config, cluster), todo)
+        for i, result in zip(todo, list(run), strict=True):
+            expanded[i] = result
+    return expanded
