@@ -21,8 +21,9 @@ tile plus the 20 px reach of a cell body), and its pixels equal `render_region(s
 The files are pyramidal tiled BigTIFFs (levels in the main IFD chain, 2x2 mean for the image,
 nearest for labels), which tifffile reads as one series with `levels` and OpenSlide opens as
 "generic-tiff". Levels are streamed: tiles of level k are yielded to tifffile as they are
-rendered (or read), and their 2x reductions are collected band by band into a temporary Zarr
-array that becomes the source of level k + 1, so no level is ever held in memory.
+rendered (or read), and each one's 2x reduction is written as one chunk of a temporary Zarr
+array that becomes the source of level k + 1, so memory holds a few tiles, never a level or a
+band of tiles.
 """
 
 from __future__ import annotations
@@ -443,27 +444,18 @@ def _level_tiles(
     reduce: Callable[[np.ndarray], np.ndarray],
     next_level: zarr.Array | None,
 ) -> Iterator[np.ndarray]:
-    """Tiles of one level in TIFF order (row-major); their reductions go to `next_level` one
-    band of `tile` rows at a time (tile is even, so 2x2 blocks never straddle tiles).
-
-    Each tile is yielded after its bookkeeping: tifffile stops pulling after the last tile,
-    so nothing may follow the final yield."""
+    """Tiles of one level in TIFF order (row-major). Each tile's 2x reduction is one chunk of
+    `next_level` (chunks are tile / 2 square; tile is even, so 2x2 blocks never straddle
+    tiles), written before the tile is yielded: tifffile stops pulling after the last tile."""
     height, width = shape
-    half = tile // 2
-    band = None
-    for row, y0 in enumerate(range(0, height, tile)):
-        if next_level is not None and row % 2 == 0:
-            band_rows = min(tile, next_level.shape[0] - row * half)
-            band = np.zeros((band_rows, *next_level.shape[1:]), next_level.dtype)
+    for y0 in range(0, height, tile):
         for x0 in range(0, width, tile):
             block = read(y0, x0, min(tile, height - y0), min(tile, width - x0))
-            if band is not None:
+            if next_level is not None:
                 small = reduce(block)
-                top = (row % 2) * half
-                band[top : top + small.shape[0], x0 // 2 : x0 // 2 + small.shape[1]] = small
-                band_done = row % 2 == 1 or y0 + tile >= height
-                if band_done and x0 + tile >= width:
-                    next_level[row // 2 * tile : row // 2 * tile + band.shape[0]] = band
+                next_level[
+                    y0 // 2 : y0 // 2 + small.shape[0], x0 // 2 : x0 // 2 + small.shape[1]
+                ] = small
             yield block
 
 
@@ -495,7 +487,7 @@ def _write_pyramid(
                 next_level = zarr.create_array(
                     store=Path(scratch) / f"{level + 1}.zarr",
                     shape=(*shapes[level + 1], *extra),
-                    chunks=(tile, tile, *extra),
+                    chunks=(tile // 2, tile // 2, *extra),
                     dtype=dtype,
                     fill_value=0,
                 )
@@ -550,6 +542,9 @@ def write_synthetic_slide(
         raise SyntheticSlideError(f"{image_path}: tile size {tile} is not a multiple of 16")
     if seed < 0:
         raise SyntheticSlideError(f"{image_path}: seed {seed} is negative")
+    for path in (image_path, labels_path):
+        if not path.parent.is_dir():
+            raise SyntheticSlideError(f"{path}: folder {path.parent} does not exist")
     if image_path.resolve() == labels_path.resolve():
         raise SyntheticSlideError(f"{image_path}: image and labels must be different files")
     spec = SlideSpec(height, width, seed, tissue_scale=tissue_scale)

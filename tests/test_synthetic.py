@@ -11,6 +11,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
+from segcore import synthetic
 from segcore.synthetic import (
     NUCLEUS_BOX,
     SlideSpec,
@@ -186,40 +187,60 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, slide):
     ]
 
 
-def test_memory_does_not_grow_with_the_slide(tmp_path):
-    side = 4096
-    full_rgb_bytes = side * side * 3
+def _traced_peak(tmp_path: Path, side: int, tile: int) -> int:
+    """Peak traced allocation (numpy arrays included) while writing one slide."""
     tracemalloc.start()
     try:
-        written = _write(tmp_path, "big", side, side, seed=3, tile=256)
+        written = _write(tmp_path, f"slide-{side}", side, side, seed=3, tile=tile)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert written.n_levels == 5
     assert tifffile.TiffFile(written.image_path).series[0].shape == (side, side, 3)
-    # Measured ~9 MB (per-tile temporaries and one band of tiles per level), against 50 MB
-    # for the RGB level 0 alone and 117 MB with its labels.
-    assert peak < full_rgb_bytes / 4, f"peak traced {peak / 1e6:.1f} MB"
+    return peak
+
+
+def test_memory_does_not_grow_with_the_slide(tmp_path):
+    small = _traced_peak(tmp_path, 1024, tile=256)
+    big = _traced_peak(tmp_path, 4096, tile=256)
+    full_rgb_bytes = 4096 * 4096 * 3
+    # Measured ~8 MB for both (a few tiles and their temporaries), against 50 MB for the
+    # 4096 px RGB level 0 alone and 117 MB with its labels.
+    assert big < full_rgb_bytes / 4, f"peak traced {big / 1e6:.1f} MB"
+    assert big < 1.25 * small, f"peak {small / 1e6:.1f} MB -> {big / 1e6:.1f} MB for 16x pixels"
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "tile", "message"),
+    ("height", "width", "tile", "labels_name", "message"),
     [
-        (0, 100, 256, "is empty"),
-        (100, 100, 100, "not a multiple of 16"),
+        (0, 100, 256, "bad-labels.tif", "is empty"),
+        (100, 100, 100, "bad-labels.tif", "not a multiple of 16"),
+        (100, 100, 256, "bad.tif", "must be different files"),
+        (100, 100, 256, "missing/bad-labels.tif", "does not exist"),
     ],
 )
-def test_bad_arguments_fail_naming_the_file(tmp_path, height, width, tile, message):
-    image = tmp_path / "bad.tif"
+def test_bad_arguments_fail_naming_the_file(tmp_path, height, width, tile, labels_name, message):
+    image, labels = tmp_path / "bad.tif", tmp_path / labels_name
     with pytest.raises(SyntheticSlideError, match=message) as info:
-        write_synthetic_slide(image, tmp_path / "bad-labels.tif", height, width, 1, tile)
-    assert str(image) in str(info.value)
+        write_synthetic_slide(image, labels, height, width, 1, tile)
+    assert str(image) in str(info.value) or str(labels) in str(info.value)
+    assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failure_leaves_nothing_behind(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        write_synthetic_slide(tmp_path / "a.tif", tmp_path / "missing" / "a.tif", 300, 300, 1)
+def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_labels(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return render_labels(*args)
+
+    # The image file is complete by the time the labels fail: it must not appear either.
+    monkeypatch.setattr(synthetic, "render_labels", failing_labels)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_synthetic_slide(tmp_path / "a.tif", tmp_path / "a-labels.tif", 600, 600, 1, 256)
+    assert len(calls) == 3
     assert list(tmp_path.iterdir()) == []
 
 
