@@ -30,8 +30,6 @@ from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore
 from segcore.weights import border_halo, class_weights_from_counts, separate_touching, weight_map
 
 ATTRS_KEY = "weights"
-# Attributes that decide whether stored maps are still current.
-INPUT_KEYS = ("w0", "sigma", "tolerance", "requested_class_weights", "annotations_checksum")
 TMP_PREFIX = f".{TRAINING_GROUP}-tmp-"
 OLD_PREFIX = f".{TRAINING_GROUP}-old-"
 
@@ -217,6 +215,25 @@ def _compute(
     start: float,
 ) -> WeightsResult:
     halo = border_halo(config.w0, config.sigma, config.tolerance)
+    requested = list(config.class_weights) if config.class_weights is not None else None
+    inputs = {
+        "w0": config.w0,
+        "sigma": config.sigma,
+        "tolerance": config.tolerance,
+        "requested_class_weights": requested,
+        "annotations_checksum": client.compute(_annotations_checksum(annotations), sync=True),
+    }
+    stored = _stored_attrs(slide)
+    if stored is not None and all(stored.get(key) == value for key, value in inputs.items()):
+        return WeightsResult(
+            store=slide.path,
+            status="skipped",
+            seconds=time.perf_counter() - start,
+            halo=halo,
+            class_weights=tuple(stored["class_weights"]),
+            class_counts=tuple(stored["class_counts"]),
+        )
+
     labels = da.from_zarr(
         annotations,
         chunks=_block_chunks(annotations.shape, _write_unit(slide.image(0)), config.block_size),
@@ -229,36 +246,25 @@ def _compute(
         dtype=labels.dtype,
         meta=np.empty((0, 0), labels.dtype),
     )
-    # One Dask computation: the content hash (to skip) and the slide-wide class counts (for w_c).
-    checksum, n_cell = client.compute(
-        [_annotations_checksum(annotations), da.count_nonzero(separated)], sync=True
-    )
-    counts = (int(np.prod(labels.shape)) - int(n_cell), int(n_cell))
-    requested = list(config.class_weights) if config.class_weights is not None else None
+    # Class frequencies of the whole slide (one reduction), not of each block.
+    n_cell = int(client.compute(da.count_nonzero(separated), sync=True))
+    counts = (int(np.prod(labels.shape)) - n_cell, n_cell)
     class_weights = (
         np.asarray(requested, dtype=np.float64)
         if requested is not None
         else class_weights_from_counts(counts)
     )
     attrs = {
-        "w0": config.w0,
-        "sigma": config.sigma,
-        "tolerance": config.tolerance,
-        "requested_class_weights": requested,
-        "annotations_checksum": checksum,
+        **inputs,
         "store_checksum": slide.metadata.get("checksum"),
         "halo": halo,
         "class_weights": class_weights.tolist(),
         "class_counts": list(counts),
     }
-    stored = _stored_attrs(slide)
-    status: Literal["written", "skipped"] = "skipped"
-    if stored is None or any(stored.get(key) != attrs[key] for key in INPUT_KEYS):
-        _write_maps(slide, separated, config, halo, class_weights, attrs, client)
-        status = "written"
+    _write_maps(slide, separated, config, halo, class_weights, attrs, client)
     return WeightsResult(
         store=slide.path,
-        status=status,
+        status="written",
         seconds=time.perf_counter() - start,
         halo=halo,
         class_weights=tuple(class_weights.tolist()),

@@ -8,8 +8,10 @@ import zarr
 
 import pipelines.weightmaps as weightmaps
 from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.ingest import IngestConfig, SlideSource, ingest_slide
 from pipelines.weightmaps import WeightsConfig, WeightsError, compute_weight_maps
 from segcore.store import SlideStore, StoreError
+from segcore.synthetic import write_synthetic_slide
 from segcore.weights import separate_touching, training_target, weight_map
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -49,16 +51,19 @@ def make_store(
 def cells_across_chunks(shape: tuple[int, int], chunk: int, n_cells: int, seed: int) -> np.ndarray:
     """Touching disks, half of them centred on chunk borders or the image edge."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
     labels = np.zeros(shape, dtype=np.uint32)
     for cell in range(1, n_cells + 1):
-        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        centre = rng.uniform(0, shape)
         if cell % 2:  # snap one coordinate onto a chunk border or the image edge
-            grid = np.arange(0, shape[cell % 4 // 2] + 1, chunk)
-            edge = grid[np.abs(grid - (cy, cx)[cell % 4 // 2]).argmin()] + rng.uniform(-3, 3)
-            cy, cx = (edge, cx) if cell % 4 // 2 == 0 else (cy, edge)
+            axis = cell % 4 // 2
+            grid = np.arange(0, shape[axis] + 1, chunk)
+            centre[axis] = grid[np.abs(grid - centre[axis]).argmin()] + rng.uniform(-3, 3)
         radius = rng.uniform(3, 13)
-        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < radius**2] = cell * 7919  # non-contiguous ids
+        lo = np.maximum((centre - radius).astype(int), 0)
+        hi = np.minimum((centre + radius).astype(int) + 2, shape)
+        yy, xx = np.mgrid[lo[0] : hi[0], lo[1] : hi[1]]
+        disk = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius**2
+        labels[lo[0] : hi[0], lo[1] : hi[1]][disk] = cell * 7919  # non-contiguous ids
     return labels
 
 
@@ -189,3 +194,19 @@ def test_mismatched_annotations_are_rejected(tmp_path, client):
 def test_not_a_store_is_rejected(tmp_path, client):
     with pytest.raises(StoreError, match="nothing.zarr"):
         compute_weight_maps(tmp_path / "nothing.zarr", WeightsConfig(), client)
+
+
+def test_ingested_synthetic_slide(tmp_path, client):
+    slide = write_synthetic_slide(
+        tmp_path / "s.tif", tmp_path / "s_labels.tif", 600, 700, seed=3, tile=256
+    )
+    source = SlideSource(image=slide.image_path, labels=slide.labels_path)
+    ingested = ingest_slide(source, tmp_path / "out", IngestConfig(chunk_size=128), client)
+    result = compute_weight_maps(ingested.store, WeightsConfig(block_size=256), client)
+    store = SlideStore.open(ingested.store)
+    annotations = store.annotations[:]
+    assert len(np.unique(annotations)) > 100
+    assert np.abs(store.weight[:] - weight_map(separate_touching(annotations))).max() <= 1e-3
+    assert store.weight.chunks == store.image(0).chunks[1:] == (128, 128)
+    assert store.weight.attrs["weights"]["store_checksum"] == store.metadata["checksum"]
+    assert result.status == "written"
