@@ -156,7 +156,7 @@ def weight_map(
     """U-Net loss weights w_c(x) + border term (see `border_weight`) for instance labels, float32.
 
     `class_weights` = (background, cell); by default `class_weights_from_counts` of this image.
-    The result differs from the exact map by less than `tolerance` anywhere (cutoff 24.0 px for
+    The result differs from the exact map by less than `tolerance` anywhere (cutoff 23.99 px for
     the defaults w0=10, sigma=5, tolerance=1e-4). Callers with touching cells apply
     `separate_touching` first.
     """
