@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import shutil
 import time
@@ -228,8 +227,8 @@ def _write_image_region(
 
 def _write_label_region(
     path: Path, page: int | None, dst: zarr.Array, region: ngff.Region
-) -> tuple[int, int, int]:
-    """Copy label ids into `dst`; returns (min, max, smallest non-zero) of the region."""
+) -> tuple[int, int]:
+    """Copy label ids into `dst`; returns the region's largest and smallest non-zero id."""
     ys, xs = region
     with open_labels(path, page) as reader:
         block = reader.read_region(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)[0]
@@ -243,7 +242,7 @@ def _write_label_region(
         raise ReaderError(f"{path}: label id {high} does not fit in uint32")
     nonzero = block[block != 0]
     dst[ys, xs] = block.astype(np.uint32)
-    return low, high, int(nonzero.min()) if nonzero.size else 0
+    return high, int(nonzero.min()) if nonzero.size else 0
 
 
 def _run(client: Client | None, fn: Callable, calls: Sequence[tuple]) -> list:
@@ -274,16 +273,30 @@ def _remove_stale(out_dir: Path, store_name: str) -> None:
 
 
 def _existing_metadata(store: Path) -> dict | None:
+    """The metadata of an earlier ingest at `store`; None when there is none to trust."""
+    if not store.exists():
+        return None
     try:
         return dict(zarr.open_group(store, mode="r").attrs.get(METADATA_KEY, {})) or None
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, json.JSONDecodeError):
+    except Exception:  # an unreadable old store is simply rewritten (and replaced atomically)
         return None
 
 
-def _probe(source: SlideSource) -> tuple[tuple[int, int, int], np.dtype, float | None, bool]:
-    """Shape, dtype, mpp and laziness of the slide; checks the label image against it."""
+def _region_size(lazy: bool, shape: Sequence[int], config: IngestConfig) -> int:
+    """Level-0 px per read task; Pillow decodes a whole PNG/JPEG anyway, so one task reads it
+    once rather than once per region."""
+    return config.chunk_size * config.region_chunks if lazy else max(shape[-2:])
+
+
+def _probe(
+    source: SlideSource, config: IngestConfig
+) -> tuple[tuple[int, int, int], np.dtype, float | None, int, int]:
+    """Shape, dtype, mpp and the read region sizes of the slide and its labels; checks the
+    label image against the slide."""
     with open_slide(source.image, source.page) as reader:
-        shape, dtype, mpp, lazy = reader.shape, reader.dtype, reader.mpp, reader.lazy
+        shape, dtype, mpp = reader.shape, reader.dtype, reader.mpp
+        image_region = _region_size(reader.lazy, shape, config)
+    label_region = image_region
     if shape[1] == 0 or shape[2] == 0:
         raise IngestError(f"{source.image}: empty slide ({shape[1]} x {shape[2]} px)")
     if dtype.name not in _IMAGE_DTYPES:
@@ -295,8 +308,8 @@ def _probe(source: SlideSource) -> tuple[tuple[int, int, int], np.dtype, float |
                     f"{source.labels}: label image is {labels.shape[1]} x {labels.shape[2]} px "
                     f"but the slide {source.image} is {shape[1]} x {shape[2]} px"
                 )
-            lazy = lazy and labels.lazy
-    return shape, dtype, mpp, lazy
+            label_region = _region_size(labels.lazy, shape, config)
+    return shape, dtype, mpp, image_region, label_region
 
 
 def _write_labels(
@@ -323,8 +336,8 @@ def _write_labels(
     regions = ngff.level_regions(shape, region_size)
     calls = [(source.labels, source.page, levels[0], r) for r in regions]
     stats = _run(client, _write_label_region, calls)
-    high = max(s[1] for s in stats)
-    nonzero = [s[2] for s in stats if s[2]]
+    high = max(s[0] for s in stats)
+    nonzero = [s[1] for s in stats if s[1]]
     single_value = bool(nonzero) and min(nonzero) == high
     binary = config.labels_kind == "binary" or (config.labels_kind == "auto" and single_value)
     n_instances = None
@@ -384,9 +397,7 @@ def _write_store(
     config: IngestConfig,
     client: Client | None,
 ) -> tuple[int, int, int]:
-    shape, dtype, mpp, lazy = _probe(source)
-    # Pillow decodes a whole PNG/JPEG anyway, so one task reads it once, not once per region.
-    region_size = config.chunk_size * config.region_chunks if lazy else max(shape[1:])
+    shape, dtype, mpp, image_region, label_region = _probe(source, config)
     root = zarr.open_group(tmp, mode="w", zarr_format=3)
     levels = ngff.create_image(
         root,
@@ -398,14 +409,14 @@ def _write_store(
         mpp=mpp,
     )
     cache = config.openslide_cache_mb << 20
-    regions = ngff.level_regions(shape, region_size)
+    regions = ngff.level_regions(shape, image_region)
     calls = [(source.image, source.page, cache, levels[0], r) for r in regions]
     _run(client, _write_image_region, calls)
     _build_pyramid(levels, "mean", config.chunk_size, client)
     labels = None
     if source.labels is not None:
         labels = _write_labels(
-            root, source, shape[1:], len(levels), mpp, region_size, config, client
+            root, source, shape[1:], len(levels), mpp, label_region, config, client
         )
     try:
         downsample, fraction = _write_tissue(root, levels, mpp, config)

@@ -253,7 +253,8 @@ class TiffReader(SlideReader):
             store = self._tif.aszarr(series=0, level=0)
         else:
             if not 0 <= page < n_planes or len(series.pages) != n_planes:
-                raise ReaderError(f"{path}: no page {page} (the file holds {n_planes} pages)")
+                holds = f"{n_planes} page" + ("s" if n_planes != 1 else "")
+                raise ReaderError(f"{path}: no page {page} (the file holds {holds})")
             frame = series.pages[page]
             pages, axes = [frame], frame.keyframe.axes
             store = frame.aszarr()

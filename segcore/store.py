@@ -2,8 +2,10 @@
 
     <slide>.zarr/
       zarr.json            group; attributes["ome"]["multiscales"] for the image pyramid,
-                           attributes["segflow"] = SlideMetadata (source, checksum, mpp, ...)
-      0, 1, 2, ...         image pyramid, axes (c, y, x), uint8, level k downsampled by 2^k
+                           attributes["segflow"] = ingest metadata (below)
+      0, 1, 2, ...         image pyramid, axes (c, y, x), uint8 (uint16 for 16-bit sources),
+                           level k downsampled by 2^k (2x2 mean, sizes rounded up) until the
+                           shorter side is <= min_level_size
       labels/
         zarr.json          attributes["ome"]["labels"] = names of the label images below
         annotations/0..    instance ids (y, x) uint32, 0 = background (only when labelled)
@@ -15,7 +17,13 @@
         weight             loss weight map (y, x) float32 (w_c + border term)
 
 Every label image carries its own "multiscales" metadata and "image-label" source link, so
-napari and ome-zarr readers show all levels.
+napari and ome-zarr readers show all levels (segcore.ngff writes both).
+
+attributes["segflow"], written last by pipelines.ingest: source, source_bytes, labels_source,
+labels_bytes, page, checksum (sha256 over the source files' sha256s, `file_checksums`), shape,
+dtype, mpp (µm/px or None), n_levels, labels ({kind: "binary" | "instances", source_max,
+n_instances} or None), tissue_downsample, tissue_fraction, settings (the ingest settings),
+segflow_version, ingested_at.
 """
 
 from __future__ import annotations
