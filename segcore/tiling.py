@@ -165,7 +165,8 @@ def predict_padded(
     device: torch.device | None = None,
     precision: str = "float32",
 ) -> torch.Tensor:
-    """Run the plan's tiles over an already padded C x PH x PW input; float32 K x H x W logits.
+    """Run the plan's tiles over an already padded C x PH x PW input; float32 K x H x W logits
+    on `padded`'s device (a block already on the GPU is reduced there, not copied back whole).
 
     `padded` must cover `plan.padded_shape` with output pixel (0, 0) at (margin, margin).
     """
@@ -173,18 +174,23 @@ def predict_padded(
     th, tw = plan.tile_size
     oh, ow = plan.output_size
     H, W = plan.out_shape
-    out = torch.empty((model.config.n_classes, H, W), dtype=torch.float32)
+    out = torch.empty((model.config.n_classes, H, W), dtype=torch.float32, device=padded.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
     for batch in _batches(plan, batch_size):
         tiles = torch.stack([padded[:, y : y + th, x : x + tw] for y, x in batch])
+        if len(batch) == 1 < batch_size:
+            # CPU convolutions take another, not bit-identical, path for a batch of one: running
+            # a lone tile twice keeps each tile's logits independent of how tiles are batched,
+            # so a slide split into blocks reproduces the whole-slide prediction exactly.
+            tiles = tiles.expand(2, -1, -1, -1)
         tiles = tiles.to(device, dtype=torch.float32, non_blocking=True)
         with autocast:
-            logits = model(tiles)
+            logits = model(tiles)[: len(batch)]
         if logits.shape[-2:] != (oh, ow):
             # Same-padded nets return the whole tile: keep its centre, away from zero padding.
             m = plan.margin
             logits = logits[..., m : m + oh, m : m + ow]
-        logits = logits.float().cpu()
+        logits = logits.float().to(out.device)
         for (y, x), tile_logits in zip(batch, logits, strict=True):
             h, w = min(oh, H - y), min(ow, W - x)
             out[:, y : y + h, x : x + w] = tile_logits[:, :h, :w]
