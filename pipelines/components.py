@@ -109,13 +109,15 @@ def write_grid(array: zarr.Array) -> tuple[int, ...]:
     return tuple(array.shards or array.chunks)
 
 
-def _run(
+def map_bounded(
     client: Client | None,
     fn: Callable[..., Any],
     jobs: Iterable[tuple[Any, tuple]],
     max_in_flight: int,
 ) -> Iterator[tuple[Any, Any]]:
-    """(key, fn(*args)) for every (key, args), in-process or on `client` with a bounded queue."""
+    """(key, fn(*args)) for every (key, args), in completion order: in-process without a client,
+    else as Dask tasks with at most `max_in_flight` submitted at once (memory and the scheduler's
+    task count stay bounded however many jobs there are, and results arrive as they finish)."""
     if client is None:
         for key, args in jobs:
             yield key, fn(*args)
@@ -211,7 +213,7 @@ def label_foreground(
     seen_neighbours: dict[ChunkIndex, int] = dict.fromkeys(regions, 0)
     edges: list[tuple[ChunkIndex, ChunkIndex, np.ndarray]] = []
     jobs = ((index, (src, region, connectivity)) for index, region in regions.items())
-    for index, (n, chunk_borders) in _run(client, _label_borders, jobs, max_in_flight):
+    for index, (n, chunk_borders) in map_bounded(client, _label_borders, jobs, max_in_flight):
         counts[index] = n
         borders[index] = chunk_borders
         for other, me, pairs in _neighbour_pairs(index, borders, connectivity):
@@ -256,6 +258,6 @@ def label_foreground(
     jobs = (
         (index, (src, dst, region, connectivity, lut(index))) for index, region in regions.items()
     )
-    for _ in _run(client, _relabel, jobs, max_in_flight):
+    for _ in map_bounded(client, _relabel, jobs, max_in_flight):
         pass
     return int(n_components)

@@ -1,0 +1,372 @@
+"""Stage 4: distributed overlap-tile inference of ingested slides, written back to OME-Zarr.
+
+    results = infer_archive(Path("archive/"), "models:/unet@champion", InferConfig())
+
+Per slide: plan blocks on the output chunk grid (pipelines.inference.plan), run each block as a
+Dask task on a worker that holds the model (pipelines.inference.blocks/.model), record each
+finished block in the store's journal (pipelines.inference.journal), then derive the pyramid
+and the instances and move the finished labels into the store (pipelines.inference.outputs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import dask.array as da
+import numpy as np
+from distributed import Client
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.components import map_bounded
+from pipelines.inference.blocks import BlockJob, run_block
+from pipelines.inference.journal import Journal, run_key, run_lock
+from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host
+from pipelines.inference.outputs import (
+    built_instances,
+    class_fractions,
+    create_work_group,
+    finish,
+    install,
+    installed_run_key,
+    record_run,
+)
+from pipelines.inference.plan import SlidePlan, plan_slide
+from pipelines.inference.report import RunProgress, print_summary, run_progress
+from pipelines.inference.source import resolve_model
+from segcore.geometry import UNetGeometry
+from segcore.store import SlideStore
+
+#: Bumped when the bytes a run writes change for the same model and settings.
+OUTPUT_FORMAT = 1
+
+
+class InferError(ValueError):
+    """A slide could not be segmented; the message names the slide (and model) and the problem."""
+
+
+def _default_cluster() -> ClusterConfig:
+    # One worker per host by default: its torch threads take all cores for the forward pass,
+    # while its second Dask thread reads and writes the next block.
+    return ClusterConfig(n_workers=1, threads_per_worker=2)
+
+
+class InferConfig(BaseModel):
+    """Inference settings; None means chosen from the model and the workers' hardware."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile_size: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    block_size: int | None = Field(default=None, ge=1)
+    device: str = "auto"
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    probabilities: Literal["uint8", "float16"] | None = None
+    output_dir: Path | None = None
+    skip_background: bool = True
+    connectivity: Literal[1, 2] = 1
+    max_in_flight: int | None = Field(default=None, ge=1)
+    cluster: ClusterConfig = Field(default_factory=_default_cluster)
+    overwrite: bool = False
+    progress: bool = True
+    tracking_uri: str | None = None
+
+
+@dataclass
+class InferResult:
+    """Outcome for one slide; `status` is "written", "skipped" or "failed" (with `error`)."""
+
+    store: Path
+    status: Literal["written", "skipped", "failed"]
+    output: Path | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    shape: tuple[int, int] | None = None
+    tissue_fraction: float | None = None
+    mpx_per_s: float | None = None
+    class_fractions: list[float] | None = None
+    n_instances: int | None = None
+    blocks: dict[str, int] = field(default_factory=dict)
+    run_key: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.store.name.removesuffix(".zarr")
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What every slide of one call shares: the cluster, the model on its workers."""
+
+    client: Client
+    source: ModelSource
+    plugin: str
+    device_type: str
+    tile_size: int
+    precision: str
+    max_in_flight: int
+
+
+@contextmanager
+def _session(
+    model_uri: str | Path, config: InferConfig, client: Client | None
+) -> Iterator[_Session]:
+    source = resolve_model(model_uri, config.tracking_uri)
+    with ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(dask_client(config.cluster))
+        name = "segflow-infer-" + run_key(
+            {
+                "model": source.digest,
+                "device": config.device,
+                "cl": config.channels_last,
+                "compile": config.compile,
+            }
+        )
+        plugin = ModelPlugin(
+            source, config.device, config.channels_last, config.compile, workers_per_host(client)
+        )
+        client.register_plugin(plugin, name=name)
+        stack.callback(client.unregister_worker_plugin, name)
+        profiles = worker_profiles(client, name, config.batch_size)
+        devices = sorted({device for device, _ in profiles})
+        if len(devices) != 1:
+            raise InferError(f"workers disagree on the device ({devices}); set device explicitly")
+        precision = config.precision
+        if precision == "auto":
+            precision = "bfloat16" if devices[0] == "cuda" else "float32"
+        yield _Session(
+            client=client,
+            source=source,
+            plugin=name,
+            device_type=devices[0],
+            tile_size=config.tile_size or min(tile for _, tile in profiles),
+            precision=precision,
+            max_in_flight=config.max_in_flight or 2 * sum(client.nthreads().values()),
+        )
+
+
+def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
+    """Every setting that changes the bytes written, resolved."""
+    return {
+        "tile_size": plan.tiles.tile_size[0],
+        "batch_size": config.batch_size,
+        "block_size": plan.chunks[0],
+        "device": session.device_type,
+        "precision": session.precision,
+        "channels_last": config.channels_last,
+        "compile": config.compile,
+        "probabilities": config.probabilities,
+        "skip_background": config.skip_background,
+        "connectivity": config.connectivity,
+    }
+
+
+def _tissue_fraction(slide: SlideStore) -> float:
+    mask = slide.tissue
+    if mask is None:
+        return 1.0
+    return float((da.from_zarr(mask) != 0).mean().compute(scheduler="synchronous"))
+
+
+def _jobs(
+    slide: SlideStore, plan: SlidePlan, journal: Journal, work, session: _Session, config
+) -> Iterator[tuple[str, tuple[BlockJob]]]:
+    done = journal.done()
+    tissue = slide.path / slide.tissue.path if slide.tissue is not None else None
+    for block in plan.blocks:
+        if block.name in done:
+            continue
+        job = BlockJob(
+            plugin=session.plugin,
+            block=block,
+            slide_shape=plan.shape,
+            image=slide.path / "0",
+            tissue=tissue,
+            tissue_downsample=slide.tissue_downsample if tissue is not None else 1,
+            segmentation=work.label_path("segmentation"),
+            probabilities=work.probabilities_path if config.probabilities else None,
+            probability_format=config.probabilities,
+            marker=journal.marker(block.name),
+            batch_size=config.batch_size,
+            precision=session.precision,
+            skip_background=config.skip_background,
+        )
+        yield block.name, (job,)
+
+
+def _segment(
+    store: Path, session: _Session, config: InferConfig, progress: RunProgress
+) -> InferResult:
+    """Segment one slide, resuming its journal; raises on any problem."""
+    start, started_at = time.perf_counter(), datetime.now(UTC).isoformat()
+    slide = SlideStore.open(store)
+    channels, height, width = slide.shape
+    model = session.source
+    if model.config["in_channels"] != channels:
+        raise InferError(
+            f"{slide.path}: model {model.uri} expects {model.config['in_channels']} channels, "
+            f"the slide has {channels}"
+        )
+    geometry = UNetGeometry(model.config["depth"], model.config["padding"])
+    plan = plan_slide((height, width), geometry, session.tile_size, config.block_size)
+    settings = _settings(session, plan, config)
+    key = run_key({"model": model.digest, "shape": plan.shape, "format": OUTPUT_FORMAT, **settings})
+    output = slide.path if config.output_dir is None else config.output_dir / slide.path.name
+    result = InferResult(store=slide.path, status="written", output=output, run_key=key)
+    result.shape = plan.shape
+    output.mkdir(parents=True, exist_ok=True)
+    with run_lock(output):
+        journal = Journal.of(output, key)
+        installed = installed_run_key(output)
+        if installed is not None and not journal.root.exists() and not config.overwrite:
+            result.status = "skipped"
+            result.error = (
+                "already segmented with this model and settings"
+                if installed == key
+                else "holds a segmentation from another model or settings (overwrite=True "
+                "replaces it)"
+            )
+            return result
+        journal.start()
+        mpp = slide.metadata.get("mpp")
+        work = create_work_group(
+            journal.root / "out",
+            plan.shape,
+            plan.chunks[0],
+            slide.n_levels,
+            mpp,
+            model.config["n_classes"],
+            config.probabilities,
+        )
+        resumed = len(journal.done())
+        task = progress.slide(slide.name, len(plan.blocks), resumed)
+        jobs = _jobs(slide, plan, journal, work, session, config)
+        for _ in _run_blocks(session, jobs, slide.path):
+            progress.advance(task)
+        outcomes = journal.done()
+        counts = np.sum([o["class_counts"] for o in outcomes.values()], axis=0)
+        statuses = [o["status"] for o in outcomes.values()]
+        if not work.is_built:
+            n_instances = finish(
+                work,
+                session.client,
+                plan.chunks[0],
+                slide.n_levels,
+                mpp,
+                config.connectivity,
+                session.max_in_flight,
+                key,
+            )
+        else:
+            n_instances = built_instances(work)
+        result.seconds = time.perf_counter() - start
+        result.mpx_per_s = height * width / 1e6 / result.seconds
+        result.tissue_fraction = _tissue_fraction(slide)
+        result.class_fractions = class_fractions(counts)
+        result.n_instances = n_instances
+        result.blocks = {
+            "total": len(plan.blocks),
+            "resumed": resumed,
+            "computed": statuses.count("computed"),
+            "background": statuses.count("background"),
+        }
+        record_run(
+            work,
+            {
+                "run_key": key,
+                "model_uri": model.uri,
+                "model_version": model.version,
+                "model_digest": model.digest,
+                "settings": settings,
+                "started": started_at,
+                "finished": datetime.now(UTC).isoformat(),
+                "seconds": result.seconds,
+                "mpx_per_s": result.mpx_per_s,
+                "tissue_fraction": result.tissue_fraction,
+                "class_fractions": result.class_fractions,
+                "n_instances": n_instances,
+                "blocks": result.blocks,
+            },
+        )
+        install(work, output, slide.path)
+        journal.remove()
+        progress.slide_done(task)
+    return result
+
+
+def _run_blocks(session: _Session, jobs, store: Path) -> Iterator[tuple[str, dict]]:
+    """Run block jobs on the cluster; a failure names the slide and the block."""
+    results = map_bounded(session.client, run_block, jobs, session.max_in_flight)
+    while True:
+        try:
+            yield next(results)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise InferError(f"{store}: {type(exc).__name__}: {exc}") from exc
+
+
+def _one_line(store: Path, exc: Exception) -> str:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return message if message.startswith(str(store)) else f"{store}: {message}"
+
+
+def _infer_all(
+    stores: Sequence[Path], model_uri: str | Path, config: InferConfig, client: Client | None
+) -> list[InferResult]:
+    results = []
+    with (
+        _session(model_uri, config, client) as session,
+        run_progress(config.progress, len(stores)) as progress,
+    ):
+        for store in stores:
+            try:
+                results.append(_segment(store, session, config, progress))
+            except Exception as exc:  # one bad slide must not end an archive run
+                results.append(
+                    InferResult(store=Path(store), status="failed", error=_one_line(store, exc))
+                )
+    return results
+
+
+def infer_slide(
+    store: str | Path, model_uri: str | Path, config: InferConfig, client: Client | None = None
+) -> InferResult:
+    """Segment one slide store; raises InferError with a one-line message when it fails."""
+    (result,) = _infer_all([Path(store)], model_uri, config, client)
+    if result.status == "failed":
+        raise InferError(result.error)
+    return result
+
+
+def discover_stores(folder: Path) -> list[Path]:
+    """The slide stores (`*.zarr` Zarr groups) directly inside `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix == ".zarr" and (p / "zarr.json").exists())
+
+
+def infer_archive(
+    stores: Sequence[str | Path] | str | Path,
+    model_uri: str | Path,
+    config: InferConfig,
+    client: Client | None = None,
+) -> list[InferResult]:
+    """Segment many slide stores (or every store in a folder); failures are reported per slide
+    and do not stop the others. Prints a summary table when `config.progress` is set."""
+    if isinstance(stores, str | Path):
+        folder = Path(stores)
+        paths = [folder] if (folder / "zarr.json").exists() else discover_stores(folder)
+    else:
+        paths = [Path(s) for s in stores]
+    results = _infer_all(paths, model_uri, config, client)
+    if config.progress:
+        print_summary(results)
+    return results

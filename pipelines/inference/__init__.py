@@ -1,0 +1,1 @@
+"""The parts of stage 4 (pipelines.infer): planning, block work, journal, outputs, reporting."""

@@ -1,0 +1,105 @@
+"""One block on a worker: read its input with context, run its tiles, write its own chunks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import zarr
+from distributed import get_worker
+
+from pipelines.inference.journal import write_json_atomic
+from pipelines.inference.model import ModelPlugin
+from pipelines.inference.plan import Block
+from segcore.tiling import predict_padded
+
+ProbabilityFormat = Literal["uint8", "float16"]
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything a worker needs for one block; plain paths, so it pickles small."""
+
+    plugin: str
+    block: Block
+    slide_shape: tuple[int, int]
+    image: Path
+    tissue: Path | None
+    tissue_downsample: int
+    segmentation: Path
+    probabilities: Path | None
+    probability_format: ProbabilityFormat | None
+    marker: Path
+    batch_size: int
+    precision: str
+    skip_background: bool
+
+
+def model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 slide pixels as float32 0..255: exported models fold their training normalisation
+    into the first convolution (pipelines.models), so the raw values are their input."""
+    return pixels.float()
+
+
+def has_tissue(job: BlockJob) -> bool:
+    """Whether the block or its margin touches tissue (always true without a tissue mask)."""
+    if job.tissue is None:
+        return True
+    mask = zarr.open_array(job.tissue, mode="r")
+    d, m, b = job.tissue_downsample, job.block.tiles.margin, job.block
+    rows = slice(max(0, (b.y0 - m) // d), min(mask.shape[0], -(-(b.y1 + m) // d)))
+    cols = slice(max(0, (b.x0 - m) // d), min(mask.shape[1], -(-(b.x1 + m) // d)))
+    return bool(np.asarray(mask[rows, cols]).any())
+
+
+def read_input(job: BlockJob) -> np.ndarray:
+    """The block's padded C x PH x PW input: one contiguous read, mirrored in memory."""
+    rows, cols = job.block.input_indices(job.slide_shape)
+    image = zarr.open_array(job.image, mode="r")
+    r0, c0 = int(rows.min()), int(cols.min())
+    window = np.asarray(image[:, r0 : int(rows.max()) + 1, c0 : int(cols.max()) + 1])
+    return window[:, rows - r0][:, :, cols - c0]
+
+
+def _probabilities(logits: torch.Tensor, fmt: ProbabilityFormat) -> np.ndarray:
+    p = torch.softmax(logits, dim=0)
+    if fmt == "uint8":
+        return p.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
+    return p.to(torch.float16).cpu().numpy()
+
+
+def run_block(job: BlockJob) -> dict:
+    """Compute and write one block, then its done-marker; returns the marker's contents."""
+    start = time.perf_counter()
+    runner: ModelPlugin = get_worker().plugins[job.plugin]
+    n_classes = runner.unet.config.n_classes
+    area = (job.block.y1 - job.block.y0) * (job.block.x1 - job.block.x0)
+    if job.skip_background and not has_tissue(job):
+        # Left at the arrays' fill value 0 (background): nothing to write.
+        outcome = {"status": "background", "class_counts": [area] + [0] * (n_classes - 1)}
+    else:
+        pixels = torch.from_numpy(read_input(job))
+        with runner.lock:
+            padded = model_input(pixels.to(runner.device, non_blocking=True))
+            logits = predict_padded(
+                runner.model,
+                padded,
+                job.block.tiles,
+                batch_size=job.batch_size,
+                device=runner.device,
+                precision=job.precision,
+            )
+        classes = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        zarr.open_array(job.segmentation, mode="r+")[job.block.region] = classes
+        if job.probabilities is not None:
+            probs = zarr.open_array(job.probabilities, mode="r+")
+            probs[(slice(None), *job.block.region)] = _probabilities(logits, job.probability_format)
+        counts = np.bincount(classes.ravel(), minlength=n_classes)
+        outcome = {"status": "computed", "class_counts": counts.tolist()}
+    outcome["seconds"] = time.perf_counter() - start
+    write_json_atomic(job.marker, outcome)
+    return outcome

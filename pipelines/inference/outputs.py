@@ -1,0 +1,195 @@
+"""A run's output arrays: built in the journal's work group, moved into the store when complete.
+
+Blocks write level 0 of `labels/segmentation` (and `probabilities`) inside
+`.segflow-infer/<run key>/out`; once every block is done, `finish` derives the pyramid levels
+and `labels/instances` there, then `install` renames each finished group into the output store.
+A reader of the store therefore sees the previous result or the new one, never half of one,
+and every derived array is rebuilt from level 0 when a run is resumed before `finish` ended.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from distributed import Client
+from ome_zarr.format import FormatV05
+from ome_zarr.writer import add_metadata, get_metadata
+
+from pipelines.components import label_foreground, map_bounded
+from segcore import ngff
+from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION
+
+PROBABILITIES = "probabilities"
+_BUILT = "built"
+
+
+@dataclass(frozen=True)
+class WorkGroup:
+    """The output arrays of one run, inside its journal directory."""
+
+    root: Path
+
+    @property
+    def group(self) -> zarr.Group:
+        return zarr.open_group(self.root, mode="a")
+
+    def label_path(self, name: str, level: int = 0) -> Path:
+        return self.root / LABELS_GROUP / name / str(level)
+
+    @property
+    def probabilities_path(self) -> Path:
+        return self.root / PROBABILITIES / "0"
+
+    @property
+    def is_built(self) -> bool:
+        return (self.root / _BUILT).exists()
+
+
+def create_work_group(
+    root: Path,
+    shape: tuple[int, int],
+    chunk_size: int,
+    n_levels: int,
+    mpp: float | None,
+    n_classes: int,
+    probabilities: str | None,
+) -> WorkGroup:
+    """Create (or reopen, when resuming) the run's empty segmentation and probability arrays."""
+    work = WorkGroup(root)
+    if work.label_path(SEGMENTATION).exists():
+        return work
+    group = zarr.open_group(root, mode="w")
+    if probabilities is not None:
+        ngff.create_image(
+            group.create_group(PROBABILITIES),
+            (n_classes, *shape),
+            probabilities,
+            chunk_size=chunk_size,
+            min_level_size=max(shape),  # one level: probabilities are for analysis, not viewing
+            mpp=mpp,
+        )
+    # Level 0 last: its presence marks the group as ready for blocks.
+    ngff.create_label(group, SEGMENTATION, shape, "uint8", n_levels, chunk_size, mpp=mpp)
+    return work
+
+
+def _pyramid(
+    group: zarr.Group, name: str, client: Client, max_in_flight: int, chunk_size: int
+) -> None:
+    """Fill levels 1.. of label `name` from level 0, region by region on the cluster."""
+    label = group[f"{LABELS_GROUP}/{name}"]
+    levels = sorted(int(k) for k in label.array_keys())
+    for k in levels[1:]:
+        src, dst = label[str(k - 1)], label[str(k)]
+        jobs = (
+            (region, (src, dst, region, "nearest"))
+            for region in ngff.level_regions(dst.shape, chunk_size)
+        )
+        for _ in map_bounded(client, ngff.downsample_region, jobs, max_in_flight):
+            pass
+
+
+def finish(
+    work: WorkGroup,
+    client: Client,
+    chunk_size: int,
+    n_levels: int,
+    mpp: float | None,
+    connectivity: int,
+    max_in_flight: int,
+    key: str,
+) -> int:
+    """Derive pyramids and instances from the finished level 0; returns the instance count."""
+    group = work.group
+    shape = group[f"{LABELS_GROUP}/{SEGMENTATION}/0"].shape
+    instances = ngff.create_label(
+        group, INSTANCES, shape, "uint32", n_levels, chunk_size, mpp=mpp, overwrite=True
+    )
+    n_instances = label_foreground(
+        group[f"{LABELS_GROUP}/{SEGMENTATION}/0"], instances[0], client, connectivity, max_in_flight
+    )
+    for name in (SEGMENTATION, INSTANCES):
+        _pyramid(group, name, client, max_in_flight, chunk_size)
+    group[f"{LABELS_GROUP}/{INSTANCES}"].attrs["segflow"] = {
+        "run_key": key,
+        "n_instances": n_instances,
+        "connectivity": connectivity,
+        "source": SEGMENTATION,
+    }
+    (work.root / _BUILT).write_text(str(n_instances))
+    return n_instances
+
+
+def record_run(work: WorkGroup, attrs: dict) -> None:
+    """Run metadata on the segmentation label, unless an interrupted install moved it already."""
+    label = work.root / LABELS_GROUP / SEGMENTATION
+    if label.exists():
+        zarr.open_group(label, mode="r+").attrs["segflow"] = attrs
+
+
+def built_instances(work: WorkGroup) -> int:
+    return int((work.root / _BUILT).read_text())
+
+
+def _replace_dir(new: Path, final: Path, trash: Path) -> None:
+    """Move directory `new` to `final`; an old `final` goes to `trash` first, then is deleted."""
+    if final.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(new, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _ensure_group(path: Path, attrs: dict) -> zarr.Group:
+    try:
+        return zarr.open_group(path, mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return zarr.create_group(path, attributes=attrs)
+
+
+def install(work: WorkGroup, output: Path, image_store: Path) -> None:
+    """Move the finished groups into `output` and list the labels there (idempotent)."""
+    _ensure_group(output, {"segflow": {"source": str(image_store)}})
+    labels = _ensure_group(output / LABELS_GROUP, {})
+    trash = work.root.parent / "trash"
+    for name in (SEGMENTATION, INSTANCES):
+        new = work.root / LABELS_GROUP / name
+        if not new.exists():
+            continue  # moved by an earlier, interrupted install
+        if output.resolve() != image_store.resolve():
+            # NGFF links a label to its image by a relative path; here the image is elsewhere.
+            label = zarr.open_group(new, mode="r+")
+            ome = dict(label.attrs["ome"])
+            source = os.path.relpath(
+                image_store.resolve(), (output / LABELS_GROUP / name).resolve()
+            )
+            ome["image-label"] = {**ome["image-label"], "source": {"image": source}}
+            label.attrs["ome"] = ome
+        _replace_dir(new, output / LABELS_GROUP / name, trash)
+    if (work.root / PROBABILITIES).exists():
+        _replace_dir(work.root / PROBABILITIES, output / PROBABILITIES, trash)
+    names = get_metadata(labels).get("labels", [])
+    listed = names + [n for n in (SEGMENTATION, INSTANCES) if n not in names]
+    if listed != names:
+        fmt = FormatV05()
+        add_metadata(labels, {"version": fmt.version, "labels": listed}, fmt=fmt)
+
+
+def installed_run_key(output: Path) -> str | None:
+    """The run key recorded with the segmentation in `output`, if any."""
+    try:
+        label = zarr.open_group(output / LABELS_GROUP / SEGMENTATION, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return label.attrs.get("segflow", {}).get("run_key")
+
+
+def class_fractions(counts: np.ndarray) -> list[float]:
+    total = max(int(counts.sum()), 1)
+    return [float(c) / total for c in counts]

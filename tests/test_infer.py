@@ -1,0 +1,268 @@
+"""Distributed inference: equal to single-process predict_tiled, resumable after kill -9, safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from scipy import ndimage
+
+from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.infer import InferConfig, InferError, infer_archive, infer_slide
+from pipelines.inference.journal import JOURNAL_DIR
+from segcore import ngff
+from segcore.checkpoint import save_unet
+from segcore.model import UNet
+from segcore.store import SlideStore
+from segcore.tiling import predict_tiled
+
+TILE, BATCH = 92, 3  # depth 3: 92 px in, 52 out, stride 52
+THREADS = ClusterConfig(n_workers=1, threads_per_worker=2, processes=False)
+
+
+def _expressive_unet(seed: int = 0) -> UNet:
+    """He init, non-zero biases (every level matters), input scaled for raw 0..255 pixels and
+    a head bias that splits pixels about evenly between the two classes."""
+    torch.manual_seed(seed)
+    model = UNet(3, 2, base_channels=4, depth=3, dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            torch.nn.init.normal_(m.bias, std=0.2)
+    model.eval()
+    with torch.no_grad():
+        model.down[0][0].weight /= 255.0
+        logits = model(torch.rand(1, 3, 200, 200) * 255)
+        model.head.bias[1] -= (logits[0, 1] - logits[0, 0]).median()
+    return model
+
+
+def make_store(path: Path, image: np.ndarray, tissue: np.ndarray | None = None, d: int = 4):
+    """A slide store in the layout of segcore/store.py, built directly with the NGFF helpers."""
+    root = zarr.open_group(path, mode="w")
+    levels = ngff.create_image(root, image.shape, "uint8", chunk_size=128, min_level_size=100)
+    levels[0][...] = image
+    for k in range(1, len(levels)):
+        levels[k][...] = np.asarray(levels[k - 1][...])[:, ::2, ::2]
+    root.attrs["segflow"] = {"tissue_downsample": d, "mpp": 0.5}
+    _, h, w = image.shape
+    if tissue is None:
+        tissue = np.ones((-(-h // d), -(-w // d)), np.uint8)
+    ngff.create_label(root, "tissue", tissue.shape, "uint8", 1, chunk_size=128)[0][...] = tissue
+    return path
+
+
+def smooth_image(shape: tuple[int, int], seed: int, channels: int = 3) -> np.ndarray:
+    """Blobs of many sizes, so foreground components cross block borders."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.standard_normal((channels, *shape)), (0, 4, 4))
+    noise = (noise - noise.mean()) / noise.std()
+    return np.clip(128 + 60 * noise + rng.normal(0, 10, noise.shape), 0, 255).astype(np.uint8)
+
+
+def reference_classes(model: UNet, image: np.ndarray) -> np.ndarray:
+    logits = predict_tiled(model, image.astype(np.float32), tile_size=TILE, batch_size=BATCH)
+    return logits.argmax(0).astype(np.uint8)
+
+
+def assert_same_partition(ours: np.ndarray, reference: np.ndarray) -> None:
+    np.testing.assert_array_equal(ours == 0, reference == 0)
+    fg = reference != 0
+    pairs = np.unique(np.stack([ours[fg], reference[fg]]), axis=1)
+    assert len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def chunk_bytes(output: Path) -> dict[str, bytes]:
+    """Every chunk file of the segmentation and instance pyramids (metadata excluded)."""
+    files = {}
+    for name in ("segmentation", "instances"):
+        for p in sorted((output / "labels" / name).rglob("*")):
+            if p.is_file() and p.name != "zarr.json":
+                files[str(p.relative_to(output))] = p.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def model() -> UNet:
+    return _expressive_unet()
+
+
+@pytest.fixture(scope="module")
+def model_file(model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "unet.pt"
+    save_unet(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client(THREADS) as c:
+        yield c
+
+
+def config(**overrides) -> InferConfig:
+    base = {"tile_size": TILE, "batch_size": BATCH, "progress": False}
+    return InferConfig(**{**base, **overrides})
+
+
+def test_equals_predict_tiled_on_a_process_cluster(tmp_path, model, model_file):
+    """2 worker processes x 1 thread; sizes not multiples of block or tile, and one tiny slide."""
+    big = smooth_image((1000, 1300), seed=1)
+    tiny = smooth_image((50, 70), seed=2)
+    stores = [make_store(tmp_path / "big.zarr", big), make_store(tmp_path / "tiny.zarr", tiny)]
+    cluster = ClusterConfig(n_workers=2, threads_per_worker=1, processes=True)
+    results = infer_archive(stores, model_file, config(block_size=250, cluster=cluster))
+    assert [r.status for r in results] == ["written", "written"], [r.error for r in results]
+    assert results[0].blocks["total"] == 5 * 7  # block side 208 = 4 strides of 52
+    for store, image, result in zip(stores, (big, tiny), results, strict=True):
+        slide = SlideStore.open(store)
+        classes = slide.segmentation[...]
+        expected = reference_classes(model, image)
+        np.testing.assert_array_equal(classes, expected)
+        assert 0.2 < expected.mean() < 0.8  # both classes present: the comparison means something
+        instances = slide.instances[...]
+        reference, n = ndimage.label(expected != 0)
+        assert_same_partition(instances, reference)
+        assert result.n_instances == n
+        group = slide.group
+        assert {"segmentation", "instances", "tissue"} <= set(
+            group["labels"].attrs["ome"]["labels"]
+        )
+        seg_levels = group["labels/segmentation"]
+        assert len(list(seg_levels.array_keys())) == slide.n_levels
+        if slide.n_levels > 1:
+            np.testing.assert_array_equal(seg_levels["1"][...], classes[::2, ::2])
+        meta = seg_levels.attrs["segflow"]
+        assert meta["model_uri"] == str(model_file) and meta["mpx_per_s"] > 0
+        fractions = np.bincount(expected.ravel(), minlength=2) / expected.size
+        np.testing.assert_allclose(result.class_fractions, fractions)
+        assert not (store / JOURNAL_DIR).exists()
+
+
+def test_background_blocks_are_not_computed(tmp_path, model, model_file, client):
+    image = smooth_image((420, 520), seed=3)
+    tissue = np.zeros((105, 130), np.uint8)
+    tissue[5:20, 10:30] = 1  # level-0 rows 20..80, columns 40..120
+    store = make_store(tmp_path / "s.zarr", image, tissue)
+    result = infer_slide(store, model_file, config(block_size=104), client)
+    classes = SlideStore.open(store).segmentation[...]
+    expected = reference_classes(model, image)
+    assert result.blocks["background"] > 0 and result.blocks["computed"] > 0
+    assert result.blocks["background"] + result.blocks["computed"] == result.blocks["total"]
+    np.testing.assert_array_equal(classes[:104, :208], expected[:104, :208])
+    assert not classes[208:].any() and expected[208:].any()
+    assert result.tissue_fraction == pytest.approx(tissue.mean())
+
+
+def test_killed_run_resumes_to_identical_bytes(tmp_path, model_file, client):
+    """kill -9 mid-run, run again: only unfinished blocks run; chunks equal an uninterrupted run."""
+    store = make_store(tmp_path / "s.zarr", smooth_image((800, 800), seed=4))
+    settings = config(block_size=104)
+    uninterrupted = infer_slide(
+        store, model_file, settings.model_copy(update={"output_dir": tmp_path / "a"}), client
+    )
+    killed_settings = settings.model_copy(update={"output_dir": tmp_path / "b", "cluster": THREADS})
+    script = (
+        "import sys\n"
+        "from pipelines.infer import InferConfig, infer_slide\n"
+        "infer_slide(sys.argv[1], sys.argv[2], InferConfig.model_validate_json(sys.argv[3]))\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(store),
+            str(model_file),
+            killed_settings.model_dump_json(),
+        ]
+    )
+    done_dir = tmp_path / "b" / "s.zarr" / JOURNAL_DIR
+    deadline = time.monotonic() + 300
+    try:
+        while len(list(done_dir.glob("*/done/*.json"))) < 5:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no block finished in time"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_at_kill = len(list(done_dir.glob("*/done/*.json")))
+    total = uninterrupted.blocks["total"]
+    assert 5 <= done_at_kill < total
+    lock = json.loads((done_dir / "lock").read_text())
+    assert lock["pid"] == proc.pid  # left behind by the dead run: taken over below
+
+    resumed = infer_slide(store, model_file, killed_settings, client)
+    assert resumed.blocks["resumed"] == done_at_kill
+    assert resumed.blocks["computed"] + resumed.blocks["background"] == total
+    a, b = chunk_bytes(tmp_path / "a" / "s.zarr"), chunk_bytes(tmp_path / "b" / "s.zarr")
+    assert len(a) > 20 and a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    # A separate output store links its labels to the slide by a relative path.
+    label = zarr.open_group(tmp_path / "b" / "s.zarr" / "labels" / "segmentation", mode="r")
+    source = label.attrs["ome"]["image-label"]["source"]["image"]
+    linked = (tmp_path / "b" / "s.zarr" / "labels" / "segmentation" / source).resolve()
+    assert linked == store.resolve()
+
+
+def test_rerun_is_skipped_and_new_settings_need_overwrite(tmp_path, model_file, client):
+    store = make_store(tmp_path / "s.zarr", smooth_image((130, 150), seed=5))
+    first = infer_slide(store, model_file, config(), client)
+    assert first.status == "written"
+    again = infer_slide(store, model_file, config(), client)
+    assert again.status == "skipped" and "already segmented" in again.error
+    other = infer_slide(store, model_file, config(batch_size=2), client)
+    assert other.status == "skipped" and "overwrite" in other.error
+    replaced = infer_slide(store, model_file, config(batch_size=2, overwrite=True), client)
+    assert replaced.status == "written" and replaced.run_key != first.run_key
+    meta = zarr.open_group(store / "labels" / "segmentation", mode="r").attrs["segflow"]
+    assert meta["run_key"] == replaced.run_key and meta["settings"]["batch_size"] == 2
+
+
+def test_wrong_model_fails_that_slide_only(tmp_path, model_file, client):
+    grey = make_store(tmp_path / "grey.zarr", smooth_image((80, 90), seed=6, channels=1))
+    good = make_store(tmp_path / "good.zarr", smooth_image((80, 90), seed=7))
+    results = infer_archive(tmp_path, model_file, config(), client)
+    assert [(r.name, r.status) for r in results] == [("good", "written"), ("grey", "failed")]
+    error = results[1].error
+    assert "\n" not in error and str(grey) in error and str(model_file) in error
+    assert "3 channels" in error
+    assert SlideStore.open(grey).segmentation is None
+    assert SlideStore.open(good).segmentation is not None
+
+
+def test_second_run_on_the_same_output_refuses(tmp_path, model_file, client):
+    store = make_store(tmp_path / "s.zarr", smooth_image((80, 90), seed=8))
+    lock = store / JOURNAL_DIR / "lock"
+    lock.parent.mkdir()
+    holder = {"pid": os.getpid(), "host": os.uname().nodename, "start": time.time()}
+    lock.write_text(json.dumps(holder))
+    with pytest.raises(InferError, match="another inference run holds it"):
+        infer_slide(store, model_file, config(), client)
+    assert SlideStore.open(store).segmentation is None
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({**holder, "pid": dead.pid}))
+    assert infer_slide(store, model_file, config(), client).status == "written"
+    assert not lock.exists()
+
+
+def test_probabilities_match_the_class_map(tmp_path, model, model_file, client):
+    image = smooth_image((120, 140), seed=9)
+    store = make_store(tmp_path / "s.zarr", image)
+    infer_slide(store, model_file, config(probabilities="uint8"), client)
+    probs = zarr.open_array(store / "probabilities" / "0", mode="r")[...]
+    classes = SlideStore.open(store).segmentation[...]
+    assert probs.shape == (2, 120, 140) and probs.dtype == np.uint8
+    assert np.abs(probs.astype(int).sum(0) - 255).max() <= 1
+    decided = np.abs(probs[1].astype(int) - probs[0].astype(int)) > 1
+    np.testing.assert_array_equal(probs.argmax(0)[decided], classes[decided])
