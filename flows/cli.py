@@ -1,17 +1,300 @@
-"""The `segflow` command line."""
+"""The `segflow` command line: each stage alone, the whole pipeline, scheduled serving, a demo.
+
+    segflow ingest SLIDES_OR_FOLDERS... [--config ingest.yaml] [key=value ...]
+    segflow weights [STORES_OR_FOLDERS...] [--config weights.yaml] [key=value ...]
+    segflow train [STORES...] [--config train.yaml] [key=value ...]
+    segflow infer [STORES_OR_FOLDERS...] [--model URI] [--archive DIR] [--config infer.yaml] ...
+    segflow run [ARCHIVE] [--config pipeline.yaml] [key=value ...]
+    segflow serve [ARCHIVE] [--config pipeline.yaml] [--cron "0 2 * * *"] [key=value ...]
+    segflow demo
+
+Every command runs as a Prefect flow (flows.pipeline) and reads the environment only here:
+PREFECT_API_URL, MLFLOW_TRACKING_URI and DASK_SCHEDULER_ADDRESS (or --tracking-uri,
+--scheduler) move it onto real servers; with none set it runs on embedded defaults under
+--workdir. Bad input ends with `segflow: error: <file>: <problem>` and a non-zero exit;
+--debug shows tracebacks.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flows.configs import UsageError, existing, load
+
+EXIT_FAILED_SLIDES = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; the stage commands arrive with the flows issue."""
-    print(
-        "segflow: the stage commands are not built yet.",
-        file=sys.stderr,
+def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("segflow-work"),
+        help="where stores, the embedded MLflow and Prefect databases live (default: %(default)s)",
     )
-    return 2
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else embedded)"
+    )
+    parser.add_argument(
+        "--scheduler", help="Dask scheduler address (default: DASK_SCHEDULER_ADDRESS, else local)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Prefect and library logs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="segflow",
+        description="Train U-Nets and segment whole-slide images at scale.",
+        epilog="Run `segflow <command> --help` for a command's options.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    kv = "key=value overrides of the configuration (dotted, YAML values), e.g. chunk_size=512"
+
+    ingest = commands.add_parser("ingest", help="slides -> OME-Zarr stores (stage 1)")
+    ingest.add_argument("items", nargs="*", metavar="SLIDE|FOLDER|key=value", help=kv)
+    _common(ingest, "YAML file of IngestConfig fields")
+
+    weights = commands.add_parser("weights", help="weight maps of labelled stores (stage 2)")
+    weights.add_argument(
+        "items",
+        nargs="*",
+        metavar="STORE|FOLDER|key=value",
+        help="stores or folders of stores (default: <workdir>/stores); " + kv,
+    )
+    _common(weights, "YAML file of WeightsConfig fields")
+
+    train = commands.add_parser("train", help="train, track and register a U-Net (stage 3)")
+    train.add_argument(
+        "items",
+        nargs="*",
+        metavar="STORE|key=value",
+        help="training stores (or `stores=[...]` in the configuration); " + kv,
+    )
+    _common(train, "YAML file of TrainConfig fields")
+
+    infer = commands.add_parser("infer", help="segment stores with a model (stage 4)")
+    infer.add_argument(
+        "items",
+        nargs="*",
+        metavar="STORE|FOLDER|key=value",
+        help="stores or folders of stores (default: <workdir>/stores); " + kv,
+    )
+    infer.add_argument(
+        "--model", default=None, help="model URI or file (default: models:/segflow-unet@champion)"
+    )
+    infer.add_argument("--archive", type=Path, help="also ingest and segment the slides here")
+    _common(infer, "YAML file of InferConfig fields")
+
+    for name, text in (
+        ("run", "the whole pipeline on an archive, as one Prefect flow run"),
+        ("serve", "serve the flows as Prefect deployments, with a nightly segmentation run"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument(
+            "items",
+            nargs="*",
+            metavar="ARCHIVE|key=value",
+            help="folder of slides (or `archive:` in the configuration); " + kv,
+        )
+        _common(command, "YAML file of PipelineConfig fields (sections ingest, weights, ...)")
+        if name == "serve":
+            command.add_argument(
+                "--cron", default="0 2 * * *", help="nightly schedule (default: %(default)s)"
+            )
+
+    demo = commands.add_parser("demo", help="synthetic archive -> whole pipeline -> overlays")
+    _common(demo, "YAML file of PipelineConfig fields to use instead of the demo's")
+    demo.add_argument("items", nargs="*", metavar="key=value", help=kv)
+    return parser
+
+
+def split_items(items: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Positional words: `key=value` overrides, everything else a path."""
+    overrides = [item for item in items if "=" in item]
+    paths = [Path(item) for item in items if "=" not in item]
+    return paths, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("segflow: interrupted", file=sys.stderr)
+        return 130
+    except ValueError as exc:  # the stages' and the configuration's errors for bad input
+        if args.debug:
+            traceback.print_exc()
+        print(f"segflow: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"segflow: internal error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr
+            )
+            print("segflow: run again with --debug for the traceback", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from flows.runtime import Runtime
+
+    runtime = Runtime(
+        workdir=args.workdir, tracking_uri=args.tracking_uri, scheduler_address=args.scheduler
+    ).resolved(os.environ)
+    paths, overrides = split_items(args.items)
+    if args.command == "train" and os.environ.get("LOCAL_RANK", "0") != "0":
+        # Lightning's DDP launcher re-runs this command once per extra device; those ranks
+        # join the rank-0 training run directly, outside Prefect.
+        return _train_rank(args, runtime, paths, overrides)
+    command: Callable[..., int] = COMMANDS[args.command]
+    return command(args, runtime, paths, overrides)
+
+
+def _train_rank(args, runtime, paths, overrides) -> int:
+    from pipelines.train import train
+
+    train(_train_config(args, runtime, paths, overrides))
+    return 0
+
+
+def _train_config(args, runtime, paths, overrides):
+    from pipelines.train import TrainConfig
+
+    if paths:
+        overrides = [f"stores=[{', '.join(map(str, existing(paths)))}]", *overrides]
+    config = load(TrainConfig, args.config, overrides)
+    return config.model_copy(
+        update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
+    )
+
+
+def _ingest(args, runtime, paths, overrides) -> int:
+    from flows.pipeline import ingest_flow
+    from pipelines.ingest import IngestConfig
+
+    if not paths:
+        raise UsageError("ingest: name at least one slide or folder of slides")
+    config = load(IngestConfig, args.config, overrides)
+    return _run(args, runtime, ingest_flow, sources=existing(paths), ingest=config)
+
+
+def _weights(args, runtime, paths, overrides) -> int:
+    from flows.pipeline import weights_flow
+    from pipelines.weightmaps import WeightsConfig
+
+    config = load(WeightsConfig, args.config, overrides)
+    stores = existing(paths or [runtime.stores_dir])
+    return _run(args, runtime, weights_flow, stores=stores, weights=config)
+
+
+def _train(args, runtime, paths, overrides) -> int:
+    from flows.pipeline import train_flow
+
+    config = _train_config(args, runtime, paths, overrides)
+    existing(config.stores)
+    return _run(args, runtime, train_flow, train=config)
+
+
+def _infer(args, runtime, paths, overrides) -> int:
+    from flows.pipeline import CHAMPION, infer_flow
+    from pipelines.infer import InferConfig
+
+    config = load(InferConfig, args.config, overrides)
+    archive = existing([args.archive])[0] if args.archive else None
+    stores = existing(paths or ([] if archive else [runtime.stores_dir]))
+    model = args.model or CHAMPION
+    if not model.startswith(("models:/", "runs:/")) and "://" not in model:
+        existing([Path(model)])
+    return _run(
+        args, runtime, infer_flow, stores=stores, archive=archive, model_uri=model, infer=config
+    )
+
+
+def _pipeline_config(args, paths, overrides):
+    from flows.pipeline import PipelineConfig
+
+    if len(paths) > 1:
+        raise UsageError(f"{args.command}: one archive folder at a time, got {len(paths)}")
+    if paths:
+        overrides = [f"archive={existing(paths)[0]}", *overrides]
+    config = load(PipelineConfig, args.config, overrides)
+    existing([config.archive])
+    return config
+
+
+def _run_pipeline(args, runtime, paths, overrides) -> int:
+    from flows.pipeline import pipeline_flow
+
+    config = _pipeline_config(args, paths, overrides)
+    return _run(args, runtime, pipeline_flow, config=config)
+
+
+def _serve(args, runtime, paths, overrides) -> int:
+    from flows.deployments import serve
+    from flows.runtime import prefect_session
+
+    config = _pipeline_config(args, paths, overrides)
+    embedded = not os.environ.get("PREFECT_API_URL")
+    if embedded:
+        print(
+            "segflow: serving on Prefect's temporary local API: schedules run while this "
+            "process runs; start `prefect server start` and set PREFECT_API_URL for the UI "
+            "and manual runs (see infra/README.md)",
+            file=sys.stderr,
+        )
+    with prefect_session(runtime, os.environ):
+        serve(config, runtime, args.cron, embedded)
+    return 0
+
+
+def _demo(args, runtime, paths, overrides) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(runtime, args.config, overrides, verbose=args.verbose)
+
+
+def _run(args, runtime, flow, **parameters) -> int:
+    """Run `flow` with progress bars, print its table, and exit 1 if any slide failed."""
+    from rich.console import Console
+
+    from flows.console import summary_table
+    from flows.runner import run_flow
+
+    outcome = run_flow(flow, runtime, verbose=args.verbose, **parameters)
+    Console().print(summary_table(outcome.summary))
+    print(f"stores: {runtime.stores_dir}\nMLflow: {runtime.mlflow_uri}")
+    print(f"Prefect flow run: {outcome.flow_run_id}")
+    for failure in outcome.summary.failures:
+        print(f"segflow: error: {failure.detail or failure.slide}", file=sys.stderr)
+    return EXIT_FAILED_SLIDES if outcome.summary.failures else 0
+
+
+COMMANDS: dict[str, Callable[..., int]] = {
+    "ingest": _ingest,
+    "weights": _weights,
+    "train": _train,
+    "infer": _infer,
+    "run": _run_pipeline,
+    "serve": _serve,
+    "demo": _demo,
+}
 
 
 if __name__ == "__main__":

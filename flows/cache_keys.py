@@ -1,0 +1,97 @@
+"""Prefect cache keys: a task whose inputs are unchanged is answered from the cache on a re-run.
+
+A key hashes what decides a task's output and nothing else: the stage settings (minus where
+the work runs), the identity of the input (a source file's size and modification time, a
+store's content checksum recorded at ingest), the model version for inference, and the state
+of the output the cached result describes. The last part makes a deleted or rewritten output
+a cache miss, so the cache never answers for work that is no longer on disk. Behind the cache,
+every stage still checks its own output (checksums, settings, run keys) and reports "skipped".
+
+Worked example: re-running the weights task of `a.zarr` with the same WeightsConfig hashes
+("weights", a.zarr, <checksum of a's pixels>, <settings>, <attrs of training/weight>) to the
+same key and returns the stored WeightsResult without touching Dask; deleting
+`a.zarr/training` changes the last part and the stage runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import zarr
+from pydantic import BaseModel
+
+# Fields that do not change what a stage writes: where the work runs, how it reports, and the
+# "redo it" switches (the flows turn those into a cache refresh instead).
+NON_OUTPUT_FIELDS = frozenset(
+    {"cluster", "num_workers", "parallel_slides", "progress", "overwrite", "resume"}
+)
+
+
+def segflow_version() -> str:
+    try:
+        return version("segflow")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def digest(*parts: object) -> str:
+    """sha256 of the JSON of `parts` (paths and models included), prefixed by segflow's version
+    so a new release never reuses results of an old one."""
+    payload = json.dumps([segflow_version(), *parts], sort_keys=True, default=_jsonable)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def settings_of(config: BaseModel, *exclude: str) -> dict:
+    """The settings of a stage config that decide its output, less `exclude`."""
+    return config.model_dump(mode="json", exclude={*NON_OUTPUT_FIELDS, *exclude})
+
+
+def file_identity(path: Path | None) -> list | None:
+    """(absolute path, size, mtime ns) of a source file, or None when there is none."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return [str(path), None]
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def store_identity(store: Path) -> list:
+    """A store's path and the content checksum ingest recorded, or None parts when absent."""
+    store = Path(store).resolve()
+    attrs = _attrs(store, "")
+    checksum = (attrs.get("segflow") or {}).get("checksum") if attrs is not None else None
+    return [str(store), checksum]
+
+
+def output_state(store: Path, array_path: str) -> dict | None:
+    """The attributes a stage wrote on its output array (its settings, checksums, model),
+    or None when the output is not there."""
+    return _attrs(Path(store), array_path)
+
+
+def stores_identity(stores: Iterable[Path], array_path: str) -> list:
+    """Identity of each store plus the state of one output array in it (e.g. training/weight)."""
+    return [[*store_identity(s), output_state(s, array_path)] for s in stores]
+
+
+def _attrs(store: Path, path: str) -> dict | None:
+    try:
+        node = zarr.open(store / path if path else store, mode="r")
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError, ValueError, OSError):
+        return None
+    return dict(node.attrs)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot hash {type(value).__name__} into a cache key")

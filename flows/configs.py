@@ -1,0 +1,39 @@
+"""Command-line input checked before any flow starts: configurations and paths."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from pipelines.config import load_config
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class UsageError(ValueError):
+    """Bad command-line input: a missing path, a malformed configuration."""
+
+
+def existing(paths: Sequence[Path]) -> list[Path]:
+    """`paths`, each checked to exist."""
+    for path in paths:
+        if not Path(path).exists():
+            raise UsageError(f"{path}: no such file or folder")
+    return [Path(p) for p in paths]
+
+
+def load(cls: type[ConfigT], path: Path | None, overrides: Sequence[str]) -> ConfigT:
+    """A configuration from YAML + `key=value` overrides; errors as one line naming the file."""
+    if path is not None and not path.is_file():
+        raise UsageError(f"{path}: no such configuration file")
+    try:
+        return load_config(cls, path, overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        where = path if path is not None else "command line"
+        raise UsageError(f"{where}: invalid {cls.__name__}: {problems}") from None

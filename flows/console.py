@@ -1,0 +1,127 @@
+"""What the command line shows: a progress bar per stage while a flow runs, a table at the end."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.logging.handlers import PrefectConsoleHandler
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from flows.outcomes import STAGES, RunSummary, StageOutcome
+
+#: Loggers with handlers of their own: the root (Prefect's console handler) and MLflow's.
+QUIET_LOGGERS = ("", "mlflow")
+ARTIFACT_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+STATUS_STYLE = {"written": "green", "skipped": "cyan", "cached": "blue"}
+
+
+class StageBars:
+    """A flows.progress.Reporter drawing one rich bar per stage."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._bars: dict[str, TaskID] = {}
+        self._failed: dict[str, int] = {}
+
+    def stage_started(self, stage: str, total: int) -> None:
+        self._bars[stage] = self._progress.add_task(stage, total=total, failed="")
+
+    def task_finished(self, outcome: StageOutcome) -> None:
+        bar = self._bars.get(outcome.stage)
+        if bar is None:
+            return
+        if outcome.failed:
+            self._failed[outcome.stage] = self._failed.get(outcome.stage, 0) + 1
+        failed = self._failed.get(outcome.stage)
+        self._progress.update(bar, advance=1, failed=f"[red]{failed} failed" if failed else "")
+
+
+@contextmanager
+def stage_bars(console: Console) -> Iterator[StageBars]:
+    """Live bars on `console` (rich draws them only on a terminal) for the block's duration."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[failed]}"),
+        console=console,
+    )
+    with progress:
+        yield StageBars(progress)
+
+
+def summary_table(summary: RunSummary) -> Table:
+    """One row per slide, one column per stage it went through."""
+    stages = [s for s in STAGES if s != "train" and summary.of(s)]
+    table = Table(title=summary.headline(), title_justify="left")
+    table.add_column("slide")
+    for stage in stages:
+        table.add_column(stage)
+    table.add_column("seconds", justify="right")
+    table.add_column("problem", overflow="fold")
+    rows: dict[str, dict[str, StageOutcome]] = {}
+    for outcome in summary.outcomes:
+        if outcome.stage in stages:
+            rows.setdefault(outcome.slide, {})[outcome.stage] = outcome
+    for slide, row in rows.items():
+        cells = [_cell(row.get(stage)) for stage in stages]
+        seconds = f"{sum(o.seconds for o in row.values()):.1f}"
+        problems = "; ".join(o.detail for o in row.values() if o.failed and o.detail)
+        table.add_row(slide, *cells, seconds, problems)
+    return table
+
+
+def _cell(outcome: StageOutcome | None) -> str:
+    if outcome is None:
+        return "–"
+    if outcome.failed:
+        return "[bold red]failed"
+    return f"[{STATUS_STYLE.get(outcome.status, 'white')}]{outcome.status}"
+
+
+def quiet_console() -> None:
+    """Raise Prefect's console handler to warnings for the rest of the process."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(logging.WARNING)
+
+
+@contextmanager
+def quiet_logging(verbose: bool) -> Iterator[None]:
+    """Keep library logs and warnings (Prefect's per-task lines, tifffile, distributed) off the
+    terminal unless `verbose`: the bars and the table say what happened, and Prefect's API
+    keeps the full logs of every run."""
+    logging.captureWarnings(True)
+    handlers = [h for name in QUIET_LOGGERS for h in logging.getLogger(name).handlers]
+    levels = {handler: handler.level for handler in handlers}
+    bar = os.environ.get(ARTIFACT_BAR)
+    if not verbose:
+        for handler in handlers:
+            handler.setLevel(logging.CRITICAL)
+        # MLflow draws a tqdm bar per artifact download, across the live bars.
+        os.environ[ARTIFACT_BAR] = "false"
+    try:
+        yield
+    finally:
+        for handler, level in levels.items():
+            handler.setLevel(level)
+        if bar is None:
+            os.environ.pop(ARTIFACT_BAR, None)
+        else:
+            os.environ[ARTIFACT_BAR] = bar
+        logging.captureWarnings(False)

@@ -1,0 +1,257 @@
+"""The Prefect flows: each stage alone, and `pipeline_flow` end to end.
+
+    ingest_flow    slides (files or folders) -> one OME-Zarr store per slide
+    weights_flow   labelled stores -> training/target + training/weight
+    train_flow     stores -> MLflow run + registered version (champion if it validates better)
+    infer_flow     stores (and/or new slides) -> labels/segmentation with the pinned champion
+    pipeline_flow  all of it: ingest -> weights -> train -> register -> segment every slide
+
+Parameters are the stages' typed configurations plus a `Runtime` (where outputs go, which
+servers to use), so the Prefect UI shows and validates them. Each flow publishes a markdown
+artifact with a row per slide. A slide that fails fails its own task; the others go on, and
+the flow run then ends **Failed** with a message listing the failed slides (so alerting on
+failed runs catches it), its artifact still showing every slide.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.models import pin_model
+from flows.outcomes import RunSummary, SlideFailures, StageOutcome, TrainedModel
+from flows.runtime import Runtime
+from flows.stages import run_infer, run_ingest, run_train, run_weights
+from pipelines.infer import InferConfig, discover_stores
+from pipelines.ingest import IngestConfig, SlideSource, discover_sources
+from pipelines.train import TrainConfig, TrainResult
+from pipelines.weightmaps import WeightsConfig
+from segcore.store import SlideStore
+
+#: Slides in flight at once per stage; chunk-level parallelism is Dask's, inside each task.
+SLIDES_AT_ONCE = 2
+CHAMPION = "models:/segflow-unet@champion"
+
+
+class TrainSettings(TrainConfig):
+    """TrainConfig whose stores the pipeline fills in with the labelled slides it ingested."""
+
+    stores: list[Path] = Field(default_factory=list)
+
+
+class PipelineConfig(BaseModel):
+    """Everything `pipeline_flow` does to an archive of slides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archive: Path
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    #: Labelled slides (the last by name) held out of training to validate on and pick the
+    #: champion by, when `train.val_stores` is empty and more than this many are labelled.
+    holdout: int = Field(default=1, ge=0)
+
+
+# Defaults shown in the Prefect UI; never mutated (flows derive copies).
+DEFAULT_INGEST = IngestConfig()
+DEFAULT_WEIGHTS = WeightsConfig()
+DEFAULT_INFER = InferConfig()
+DEFAULT_RUNTIME = Runtime()
+
+
+def _runner() -> ThreadPoolTaskRunner:
+    return ThreadPoolTaskRunner(max_workers=SLIDES_AT_ONCE)
+
+
+def expand_sources(paths: list[Path]) -> list[SlideSource]:
+    """Slides from files and folders (folders as `discover_sources` reads them)."""
+    sources: list[SlideSource] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            sources += discover_sources(path)
+            continue
+        found = (
+            [s for s in discover_sources(path.parent) if s.image == path]
+            if path.parent.is_dir()
+            else []
+        )
+        sources += found or [SlideSource(image=path)]
+    return sources
+
+
+def expand_stores(paths: list[Path]) -> list[Path]:
+    """Stores from store paths and folders of stores."""
+    stores: list[Path] = []
+    for path in map(Path, paths):
+        is_store = (path / "zarr.json").exists() or not path.is_dir()
+        stores += [path] if is_store else discover_stores(path)
+    return stores
+
+
+def is_labelled(store: Path) -> bool:
+    """Whether a store has annotations to train on."""
+    return SlideStore.open(store).annotations is not None
+
+
+def _finish(summary: RunSummary) -> RunSummary | State:
+    """Publish the summary artifact; a run with failed slides ends Failed, carrying it."""
+    create_markdown_artifact(
+        summary.markdown(), key=f"segflow-{summary.flow}", description=summary.headline()
+    )
+    if summary.failures:
+        return Failed(message=summary.headline(), data=SlideFailures(summary))
+    return summary
+
+
+def _trained(result: TrainResult) -> TrainedModel:
+    return TrainedModel(
+        name=result.registered_name or "",
+        version=result.version or "",
+        run_id=result.run_id or "",
+        champion=result.became_champion,
+        metrics=dict(result.metrics),
+    )
+
+
+def _ingest_stage(
+    sources: list[Path], config: IngestConfig, runtime: Runtime, summary: RunSummary
+) -> list[Path]:
+    pairs = run_ingest(expand_sources(sources), runtime.stores_dir, config, runtime)
+    summary.outcomes += [outcome for outcome, _ in pairs]
+    return [result.store for _, result in pairs if result is not None]
+
+
+def _train_stage(config: TrainConfig, summary: RunSummary) -> TrainResult | None:
+    outcome, result = run_train(config)
+    summary.outcomes.append(outcome)
+    if result is not None:
+        summary.trained = _trained(result)
+    return result
+
+
+def _infer_stage(
+    stores: list[Path], model_uri: str, config: InferConfig, runtime: Runtime, summary: RunSummary
+) -> None:
+    config = config.model_copy(update={"tracking_uri": runtime.mlflow_uri})
+    try:
+        pinned = pin_model(model_uri, runtime.mlflow_uri)
+    except ValueError as exc:  # no such model or alias: every slide fails with that reason
+        summary.outcomes += [
+            StageOutcome("infer", s.name.removesuffix(".zarr"), "failed", detail=str(exc))
+            for s in stores
+        ]
+        return
+    summary.segmented_with = pinned
+    summary.outcomes += [o for o, _ in run_infer(stores, pinned, config, runtime)]
+
+
+@flow(name="segflow-ingest", task_runner=_runner())
+def ingest_flow(
+    sources: list[Path],
+    ingest: IngestConfig = DEFAULT_INGEST,
+    runtime: Runtime = DEFAULT_RUNTIME,
+) -> RunSummary:
+    """Ingest slides (files, or folders of slides) into `<workdir>/stores`."""
+    runtime = runtime.resolved(os.environ)
+    summary = RunSummary("ingest")
+    _ingest_stage(sources, ingest, runtime, summary)
+    return _finish(summary)
+
+
+@flow(name="segflow-weights", task_runner=_runner())
+def weights_flow(
+    stores: list[Path],
+    weights: WeightsConfig = DEFAULT_WEIGHTS,
+    runtime: Runtime = DEFAULT_RUNTIME,
+) -> RunSummary:
+    """Weight maps of labelled stores (store paths, or folders of stores)."""
+    runtime = runtime.resolved(os.environ)
+    summary = RunSummary("weights")
+    summary.outcomes += [o for o, _ in run_weights(expand_stores(stores), weights, runtime)]
+    return _finish(summary)
+
+
+@flow(name="segflow-train", task_runner=_runner())
+def train_flow(train: TrainConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSummary:
+    """Train, track and register a U-Net on the stores `train` names."""
+    runtime = runtime.resolved(os.environ)
+    config = train.model_copy(
+        update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
+    )
+    summary = RunSummary("train")
+    _train_stage(config, summary)
+    return _finish(summary)
+
+
+@flow(name="segflow-infer", task_runner=_runner())
+def infer_flow(
+    stores: list[Path] | None = None,
+    archive: Path | None = None,
+    model_uri: str = CHAMPION,
+    infer: InferConfig = DEFAULT_INFER,
+    ingest: IngestConfig = DEFAULT_INGEST,
+    runtime: Runtime = DEFAULT_RUNTIME,
+) -> RunSummary:
+    """Segment stores with the model at `model_uri`, pinned to one version for the whole run.
+
+    With `archive`, its slides are ingested first (only new or changed ones do any work), so a
+    nightly run over an archive folder segments the slides that are new, and re-segments all
+    of them when the champion has moved; every other slide is answered from the cache or the
+    stage's own run key.
+    """
+    runtime = runtime.resolved(os.environ)
+    summary = RunSummary("infer")
+    targets = expand_stores(stores or [])
+    if archive is not None:
+        targets += _ingest_stage([archive], ingest, runtime, summary)
+    _infer_stage(targets, model_uri, infer, runtime, summary)
+    return _finish(summary)
+
+
+def _split(labelled: list[Path], config: PipelineConfig) -> tuple[list[Path], list[Path]]:
+    """(train, validation) stores: the configured ones, else the last `holdout` held out."""
+    if config.train.stores or config.train.val_stores:
+        return list(config.train.stores) or labelled, list(config.train.val_stores)
+    if len(labelled) > config.holdout > 0:
+        return labelled[: -config.holdout], labelled[-config.holdout :]
+    return labelled, []
+
+
+@flow(name="segflow-pipeline", task_runner=_runner())
+def pipeline_flow(config: PipelineConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSummary:
+    """Ingest an archive, compute weight maps of its labelled slides, train and register a
+    U-Net, and segment every slide with the champion that results."""
+    runtime = runtime.resolved(os.environ)
+    summary = RunSummary("pipeline")
+    stores = _ingest_stage([config.archive], config.ingest, runtime, summary)
+    labelled = sorted(s for s in stores if is_labelled(s))
+    pairs = run_weights(labelled, config.weights, runtime)
+    summary.outcomes += [outcome for outcome, _ in pairs]
+    weighted = [result.store for _, result in pairs if result is not None]
+    train_stores, val_stores = _split(weighted, config)
+    if train_stores:
+        train = TrainConfig.model_validate(
+            {
+                **config.train.model_dump(),
+                "stores": train_stores,
+                "val_stores": val_stores,
+                "tracking_uri": runtime.tracking_uri,
+                "workdir": runtime.workdir,
+            }
+        )
+        _train_stage(train, summary)
+    else:
+        note = "no labelled slide to train on; segmenting with the current champion"
+        summary.outcomes.append(StageOutcome("train", "", "skipped", detail=note))
+    champion = f"models:/{config.train.registered_model_name}@champion"
+    _infer_stage(stores, champion, config.infer, runtime, summary)
+    return _finish(summary)

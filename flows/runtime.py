@@ -1,0 +1,95 @@
+"""Where a run keeps its outputs and which services it talks to, resolved once at the entry point.
+
+With nothing configured everything is embedded on one machine: stores under `<workdir>/stores`,
+MLflow in `sqlite:///<workdir>/mlflow.db`, a Dask LocalCluster, and Prefect's temporary local
+API with its database and task cache under `<workdir>/prefect`. `PREFECT_API_URL`,
+`MLFLOW_TRACKING_URI` and `DASK_SCHEDULER_ADDRESS` move a run onto real servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import prefect.settings
+from pydantic import BaseModel
+
+from pipelines.cluster import ClusterConfig
+
+
+class Runtime(BaseModel):
+    """The services of a run; a field left None is taken from the environment, else embedded."""
+
+    workdir: Path = Path("segflow-work")
+    #: None = the embedded `sqlite:///<workdir>/mlflow.db` (artifacts in <workdir>/mlartifacts).
+    tracking_uri: str | None = None
+    #: A running Dask scheduler for every stage; None = each stage starts the LocalCluster its
+    #: own `cluster` settings describe.
+    scheduler_address: str | None = None
+
+    @property
+    def stores_dir(self) -> Path:
+        """Where ingested slide stores live."""
+        return self.workdir / "stores"
+
+    @property
+    def prefect_dir(self) -> Path:
+        """The embedded Prefect API's database and the task cache."""
+        return self.workdir / "prefect"
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The tracking (and registry) URI to talk to."""
+        return self.tracking_uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
+
+    def resolved(self, env: Mapping[str, str]) -> Runtime:
+        """Absolute workdir, and unset services filled from `env`."""
+        workdir = self.workdir.expanduser().resolve()
+        tracking_uri = self.tracking_uri or env.get("MLFLOW_TRACKING_URI") or None
+        if tracking_uri == f"sqlite:///{workdir / 'mlflow.db'}":
+            tracking_uri = None  # the embedded store named explicitly: keep its artifacts beside it
+        address = self.scheduler_address or env.get("DASK_SCHEDULER_ADDRESS") or None
+        return Runtime(workdir=workdir, tracking_uri=tracking_uri, scheduler_address=address)
+
+    def cluster(self, config: ClusterConfig) -> ClusterConfig:
+        """A stage's cluster settings, pointed at the run's scheduler when it has one."""
+        if self.scheduler_address is None:
+            return config
+        return config.model_copy(update={"scheduler_address": self.scheduler_address})
+
+
+def embedded_prefect_settings(runtime: Runtime, env: Mapping[str, str]) -> dict[str, object]:
+    """Prefect settings for a run: the task cache under the workdir and, when no API URL is set,
+    a quiet temporary local server whose database is kept there too (so `prefect server start`
+    on the same database shows the runs afterwards)."""
+    settings: dict[str, object] = {
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(runtime.prefect_dir / "storage"),
+    }
+    if not env.get("PREFECT_API_URL"):
+        settings |= {
+            "PREFECT_SERVER_EPHEMERAL_ENABLED": True,
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(runtime),
+            # The first start migrates a fresh database; 20 s (Prefect's default) is too
+            # tight on a busy 2-core machine.
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 120,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": False,
+        }
+    return settings
+
+
+def prefect_database_url(runtime: Runtime) -> str:
+    """The embedded Prefect API's SQLite database."""
+    return f"sqlite+aiosqlite:///{runtime.prefect_dir / 'prefect.db'}"
+
+
+@contextmanager
+def prefect_session(runtime: Runtime, env: Mapping[str, str]) -> Iterator[None]:
+    """Apply `embedded_prefect_settings` for the duration of the block."""
+    runtime.prefect_dir.mkdir(parents=True, exist_ok=True)
+    updates = {
+        getattr(prefect.settings, name): value
+        for name, value in embedded_prefect_settings(runtime, env).items()
+    }
+    with prefect.settings.temporary_settings(updates=updates):
+        yield

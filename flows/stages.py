@@ -1,0 +1,207 @@
+"""One stage of a flow run: submit its tasks (one per slide), wait, and turn states into outcomes.
+
+Shared by every flow. A failed task becomes a "failed" outcome carrying its one-line error and
+the other slides go on; a cached result whose output has since gone from disk (or from the
+registry) is recomputed with a refreshed cache instead of being trusted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import Task
+from prefect.futures import PrefectFuture, as_completed
+from prefect.states import State
+
+from flows import progress
+from flows.cache_keys import output_state, store_identity
+from flows.outcomes import StageOutcome
+from flows.runtime import Runtime
+from flows.tasks import WEIGHT_ARRAY, infer_task, ingest_slide_task, train_task, weights_task
+from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.infer import InferConfig, InferResult
+from pipelines.ingest import IngestConfig, IngestResult, SlideSource
+from pipelines.train import TrainConfig, TrainResult
+from pipelines.weightmaps import WeightsConfig, WeightsResult
+from segcore.store import LABELS_GROUP, SEGMENTATION
+
+
+@dataclass(frozen=True)
+class Call:
+    """One task invocation: the slide it is about and its keyword arguments."""
+
+    slide: str
+    kwargs: dict[str, Any]
+
+
+def one_line(error: BaseException) -> str:
+    """A stage's own message for bad input (it names the file); type and message otherwise."""
+    text = " ".join(str(error).split())
+    if isinstance(error, ValueError) and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def run_tasks(
+    stage: str,
+    task: Task,
+    calls: Sequence[Call],
+    still_valid: Callable[[Any], bool],
+    refresh: bool = False,
+    at_once: int | None = None,
+) -> list[tuple[StageOutcome, Any]]:
+    """Run `task` once per call, up to `at_once` at a time (None: as the task runner allows);
+    (outcome, result or None) per call, in order.
+
+    `still_valid(result)` is asked of cached results only: False means their output is gone,
+    and the task runs again with the cache refreshed.
+    """
+    progress.stage_started(stage, len(calls))
+    queue = [(index, refresh) for index in range(len(calls))]
+    pending: dict[PrefectFuture, tuple[int, float]] = {}
+    done: dict[int, tuple[StageOutcome, Any]] = {}
+    while queue or pending:
+        while queue and (at_once is None or len(pending) < at_once):
+            index, fresh = queue.pop(0)
+            future = task.with_options(refresh_cache=fresh).submit(**calls[index].kwargs)
+            pending[future] = (index, time.perf_counter())
+        future = next(as_completed(list(pending)))
+        index, started = pending.pop(future)
+        future.wait()
+        state = future.state
+        result = state.result(raise_on_failure=False)
+        if state.is_completed() and state.name == "Cached" and not still_valid(result):
+            queue.insert(0, (index, True))
+            continue
+        outcome = _outcome(stage, calls[index].slide, state, result, started)
+        done[index] = (outcome, result if state.is_completed() else None)
+        progress.task_finished(outcome)
+    return [done[index] for index in range(len(calls))]
+
+
+def _outcome(stage: str, slide: str, state: State, result: Any, started: float) -> StageOutcome:
+    if not state.is_completed():
+        return StageOutcome(stage, slide, "failed", detail=one_line(result))
+    if state.name == "Cached":
+        return StageOutcome(stage, slide, "cached", store=getattr(result, "store", None))
+    return StageOutcome(
+        stage,
+        slide,
+        getattr(result, "status", "written"),
+        # Stage results time themselves; training's does not, so take the task's wall time.
+        seconds=float(getattr(result, "seconds", time.perf_counter() - started)),
+        store=getattr(result, "store", None),
+    )
+
+
+def _client(runtime: Runtime, cluster: ClusterConfig) -> AbstractContextManager[Client]:
+    return dask_client(runtime.cluster(cluster))
+
+
+def run_ingest(
+    sources: Sequence[SlideSource], out_dir: Path, config: IngestConfig, runtime: Runtime
+) -> list[tuple[StageOutcome, IngestResult | None]]:
+    """Ingest each source into `out_dir`, one task per slide, on one Dask cluster."""
+
+    def still_valid(result: IngestResult) -> bool:
+        return store_identity(result.store)[1] == result.checksum
+
+    with _client(runtime, config.cluster) as client:
+        calls = [
+            Call(s.name, {"source": s, "out_dir": out_dir, "config": config, "client": client})
+            for s in sources
+        ]
+        return run_tasks("ingest", ingest_slide_task, calls, still_valid, config.overwrite)
+
+
+def run_weights(
+    stores: Sequence[Path], config: WeightsConfig, runtime: Runtime
+) -> list[tuple[StageOutcome, WeightsResult | None]]:
+    """Weight maps of each labelled store, one task per store, on one Dask cluster."""
+
+    def still_valid(result: WeightsResult) -> bool:
+        return output_state(result.store, WEIGHT_ARRAY) is not None
+
+    with _client(runtime, config.cluster) as client:
+        calls = [_store_call(s, {"config": config, "client": client}) for s in stores]
+        return run_tasks("weights", weights_task, calls, still_valid)
+
+
+def run_train(config: TrainConfig) -> tuple[StageOutcome, TrainResult | None]:
+    """One training run (a single task: Lightning parallelises inside it)."""
+
+    def still_valid(result: TrainResult) -> bool:
+        return registered(result, config.resolved_tracking_uri)
+
+    (pair,) = run_tasks(
+        "train", train_task, [Call("", {"config": config})], still_valid, config.resume
+    )
+    outcome, result = pair
+    if result is not None:
+        outcome = StageOutcome(
+            "train",
+            "",
+            outcome.status,
+            seconds=outcome.seconds,
+            detail=f"MLflow run {result.run_id}, version {result.version}",
+        )
+    return outcome, result
+
+
+def registered(result: TrainResult, tracking_uri: str) -> bool:
+    """Whether the model version a training result names is still in the registry."""
+    if result.registered_name is None or result.version is None:
+        return False
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.get_model_version(result.registered_name, result.version)
+    except MlflowException:
+        return False
+    return True
+
+
+def installed_model(store: Path, config: InferConfig) -> str | None:
+    """The model URI the segmentation now in a store's output was made with, if any."""
+    output = store if config.output_dir is None else config.output_dir / store.name
+    attrs = output_state(output, f"{LABELS_GROUP}/{SEGMENTATION}") or {}
+    return (attrs.get("segflow") or {}).get("model_uri")
+
+
+def run_infer(
+    stores: Sequence[Path], model_uri: str, config: InferConfig, runtime: Runtime
+) -> list[tuple[StageOutcome, InferResult | None]]:
+    """Segment each store with the (pinned) model, one task per slide, on one Dask cluster.
+
+    A store whose segmentation came from another model is re-segmented (the stage itself only
+    replaces one when told to overwrite); one segmented by this model is the stage's "skipped".
+    """
+    config = config.model_copy(update={"progress": False})
+
+    def still_valid(result: InferResult) -> bool:
+        return installed_model(result.store, config) == model_uri
+
+    def settings(store: Path) -> InferConfig:
+        made_by = installed_model(store, config)
+        replace = made_by is not None and made_by != model_uri
+        return config.model_copy(update={"overwrite": True}) if replace else config
+
+    with _client(runtime, config.cluster) as client:
+        calls = [
+            _store_call(s, {"model_uri": model_uri, "config": settings(s), "client": client})
+            for s in stores
+        ]
+        # One slide at a time: each already spreads its blocks over the whole cluster, and
+        # slides sharing a client would register and remove the same model plugin.
+        return run_tasks("infer", infer_task, calls, still_valid, config.overwrite, at_once=1)
+
+
+def _store_call(store: Path, kwargs: dict[str, Any]) -> Call:
+    return Call(store.name.removesuffix(".zarr"), {"store": store, **kwargs})

@@ -1,0 +1,118 @@
+"""The Prefect tasks: one per slide and stage (ingest, weights, infer) and one for training.
+
+Each task calls the stage's library function and nothing else. Around it:
+  - retries with exponential backoff for I/O trouble (a shared file system or object store
+    hiccup, a Dask worker lost), never for bad input: a ValueError from a stage names a file
+    and its problem, and would fail the same way again;
+  - a cache key over the task's inputs (flows.cache_keys), so a re-run with unchanged inputs
+    is answered from Prefect's result store without doing the work again. The flows refresh
+    the cache where a setting asks for the work to be redone (`overwrite`, `resume`) or where
+    a cached result's output is gone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distributed import Client
+from prefect import Task, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+from prefect.tasks import exponential_backoff
+
+from flows.cache_keys import digest, file_identity, settings_of, store_identity, stores_identity
+from pipelines.infer import InferConfig, InferResult, infer_slide
+from pipelines.ingest import IngestConfig, IngestResult, SlideSource, ingest_slide
+from pipelines.train import TrainConfig, TrainResult, train
+from pipelines.weightmaps import WeightsConfig, WeightsResult, compute_weight_maps
+from segcore.store import TRAINING_GROUP, WEIGHT
+
+WEIGHT_ARRAY = f"{TRAINING_GROUP}/{WEIGHT}"
+
+
+def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry unless the stage rejected its input (a ValueError: bad file, shape, model)."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and not isinstance(error, ValueError)
+
+
+_retrying = {
+    "retries": 2,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": is_transient,
+    "persist_result": True,
+}
+
+
+def _ingest_key(context: TaskRunContext, parameters: dict) -> str:
+    source: SlideSource = parameters["source"]
+    return digest(
+        "ingest",
+        file_identity(source.image),
+        file_identity(source.labels),
+        source.page,
+        str(Path(parameters["out_dir"]).resolve()),
+        settings_of(parameters["config"]),
+    )
+
+
+@task(
+    name="ingest-slide", task_run_name="ingest {source.name}", cache_key_fn=_ingest_key, **_retrying
+)
+def ingest_slide_task(
+    source: SlideSource, out_dir: Path, config: IngestConfig, client: Client | None
+) -> IngestResult:
+    """Ingest one slide into `<out_dir>/<name>.zarr`."""
+    return ingest_slide(source, out_dir, config, client)
+
+
+def _weights_key(context: TaskRunContext, parameters: dict) -> str:
+    return digest("weights", store_identity(parameters["store"]), settings_of(parameters["config"]))
+
+
+@task(
+    name="weight-maps",
+    task_run_name="weights {store.name}",
+    cache_key_fn=_weights_key,
+    **_retrying,
+)
+def weights_task(store: Path, config: WeightsConfig, client: Client | None) -> WeightsResult:
+    """Training target and weight map of one labelled store."""
+    return compute_weight_maps(store, config, client)
+
+
+def _train_key(context: TaskRunContext, parameters: dict) -> str:
+    config: TrainConfig = parameters["config"]
+    return digest(
+        "train",
+        # The store it goes to, however it was named (None and its sqlite URI are one store).
+        settings_of(config, "tracking_uri"),
+        config.resolved_tracking_uri,
+        stores_identity([*config.stores, *config.val_stores], WEIGHT_ARRAY),
+    )
+
+
+# Training is not retried: a rerun starts a new MLflow run, and its failures are rarely I/O.
+@task(name="train", task_run_name="train", cache_key_fn=_train_key, persist_result=True)
+def train_task(config: TrainConfig) -> TrainResult:
+    """Train, track and register one U-Net."""
+    return train(config)
+
+
+def _infer_key(context: TaskRunContext, parameters: dict) -> str:
+    return digest(
+        "infer",
+        store_identity(parameters["store"]),
+        parameters["model_uri"],
+        settings_of(parameters["config"]),
+    )
+
+
+@task(name="infer-slide", task_run_name="infer {store.name}", cache_key_fn=_infer_key, **_retrying)
+def infer_task(
+    store: Path, model_uri: str, config: InferConfig, client: Client | None
+) -> InferResult:
+    """Segment one slide store with the model at `model_uri`."""
+    return infer_slide(store, model_uri, config, client)

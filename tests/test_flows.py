@@ -1,0 +1,232 @@
+"""The Prefect flows on real stores, a real Prefect API (a temporary local server), a real
+MLflow store (SQLite) and a real Dask cluster: a corrupt slide fails alone, a re-run with
+nothing changed does no stage work, and a new champion re-segments every slide."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.cache_keys import digest, file_identity, settings_of
+from flows.deployments import NIGHTLY, deployments
+from flows.outcomes import RunSummary, StageOutcome
+from flows.pipeline import PipelineConfig, infer_flow, pipeline_flow, train_flow
+from flows.runner import run_flow
+from flows.runtime import Runtime
+from pipelines.config import load_config
+from pipelines.ingest import IngestConfig
+from pipelines.train import TrainConfig
+from segcore.store import SlideStore
+from segcore.synthetic import write_synthetic_slide
+
+# Small enough for seconds per stage on 2 cores; threads, not processes, for the clusters.
+TINY = [
+    "ingest.chunk_size=128",
+    "ingest.min_level_size=64",
+    "ingest.cluster.processes=false",
+    "weights.block_size=128",
+    "weights.cluster.processes=false",
+    "train.model.base_channels=4",
+    "train.model.depth=3",
+    "train.max_steps=4",
+    "train.steps_per_epoch=2",
+    "train.output_size=64",
+    "train.num_workers=0",
+    "train.checkpoint_every=2",
+    "infer.tile_size=124",
+    "infer.block_size=128",
+    "infer.cluster.processes=false",
+]
+
+
+def tiny_archive(folder: Path) -> Path:
+    """Two labelled slides, one unlabelled, one corrupt TIFF."""
+    folder.mkdir(parents=True)
+    for name, seed in (("a", 1), ("b", 2)):
+        write_synthetic_slide(folder / f"{name}.tif", folder / f"{name}_labels.tif", 256, 256, seed)
+    truth = folder.parent / "truth"
+    truth.mkdir()
+    write_synthetic_slide(folder / "c.tif", truth / "c_labels.tif", 256, 256, 3)
+    (folder / "broken.tif").write_bytes(b"II*\x00" + bytes(range(256)) * 2)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def own_tracking_uri(monkeypatch):
+    """Each test talks to its own MLflow store: training sets MLFLOW_TRACKING_URI in the
+    process environment (mlflow.set_tracking_uri), which must not leak into the next test."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def flow_run_state(flow_run_id) -> str:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+def artifact_markdown(flow_run_id, key: str) -> str:
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    assert len(artifacts) == 1
+    return artifacts[0].data
+
+
+def by_stage(summary: RunSummary) -> dict[tuple[str, str], StageOutcome]:
+    return {(o.stage, o.slide): o for o in summary.outcomes}
+
+
+@pytest.mark.integration
+def test_pipeline_isolates_a_corrupt_slide_and_reruns_without_work(
+    tmp_path, prefect_api, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # anything a library writes to its cwd stays out of the repo
+    archive = tiny_archive(tmp_path / "archive")
+    runtime = Runtime(workdir=tmp_path / "work").resolved({})
+    config = load_config(PipelineConfig, None, [f"archive={archive}", *TINY])
+
+    first = run_flow(pipeline_flow, runtime, config=config)
+    outcomes = by_stage(first.summary)
+    # The corrupt slide fails its own ingest task, and only that.
+    assert outcomes["ingest", "broken"].failed
+    assert "broken.tif" in outcomes["ingest", "broken"].detail
+    assert [o.slide for o in first.summary.failures] == ["broken"]
+    # The others go all the way; the unlabelled one is segmented but gets no weight maps.
+    for slide in "abc":
+        assert outcomes["ingest", slide].status == "written"
+        assert outcomes["infer", slide].status == "written"
+        store = SlideStore.open(runtime.stores_dir / f"{slide}.zarr")
+        assert store.segmentation is not None and store.instances is not None
+    assert {s for st, s in outcomes if st == "weights"} == {"a", "b"}
+    assert outcomes["train", ""].status == "written"
+    assert first.summary.trained is not None and first.summary.trained.champion
+    assert first.summary.segmented_with == f"models:/segflow-unet/{first.summary.trained.version}"
+    # The flow run ends Failed, and its artifact lists every slide with the failure.
+    assert flow_run_state(first.flow_run_id) == "FAILED"
+    markdown = artifact_markdown(first.flow_run_id, "segflow-pipeline")
+    assert "| broken | **FAILED**" in markdown
+    assert all(f"| {slide} | written" in markdown for slide in "abc")
+    assert first.summary.trained.run_id in markdown
+
+    mlflow = MlflowClient(runtime.mlflow_uri)
+    experiment = mlflow.get_experiment_by_name("segflow-unet")
+    runs_before = mlflow.search_runs([experiment.experiment_id])
+    versions_before = mlflow.search_model_versions("name='segflow-unet'")
+    segmentation = runtime.stores_dir / "a.zarr" / "labels" / "segmentation"
+    written_at = segmentation.stat().st_mtime_ns
+
+    second = run_flow(pipeline_flow, runtime, config=config)
+    redone = [o for o in second.summary.outcomes if o.status not in ("cached", "skipped")]
+    assert [(o.stage, o.slide) for o in redone] == [("ingest", "broken")]  # failed again
+    assert len(mlflow.search_runs([experiment.experiment_id])) == len(runs_before)
+    assert len(mlflow.search_model_versions("name='segflow-unet'")) == len(versions_before)
+    assert segmentation.stat().st_mtime_ns == written_at
+
+    # A cached result whose output is gone is not trusted: that slide is segmented again.
+    shutil.rmtree(runtime.stores_dir / "b.zarr" / "labels" / "segmentation")
+    third = by_stage(run_flow(pipeline_flow, runtime, config=config).summary)
+    assert third["infer", "b"].status == "written"
+    assert SlideStore.open(runtime.stores_dir / "b.zarr").segmentation is not None
+    assert third["infer", "a"].status == "cached"
+
+
+@pytest.mark.integration
+def test_infer_flow_resegments_when_the_champion_changes(tmp_path, prefect_api, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    archive = tiny_archive(tmp_path / "archive")
+    (archive / "broken.tif").unlink()
+    runtime = Runtime(workdir=tmp_path / "work").resolved({})
+    config = load_config(PipelineConfig, None, [f"archive={archive}", *TINY])
+    ingest = config.ingest
+
+    nightly = run_flow(infer_flow, runtime, archive=archive, ingest=ingest, infer=config.infer)
+    # No model registered yet: every slide fails with the reason, nothing is written.
+    assert {o.stage for o in nightly.summary.failures} == {"infer"}
+    assert "segflow-unet@champion" in nightly.summary.failures[0].detail
+
+    stores = [runtime.stores_dir / f"{name}.zarr" for name in "ab"]
+    run_flow(pipeline_flow, runtime, config=config)
+    train = TrainConfig.model_validate({**config.train.model_dump(), "stores": stores, "seed": 7})
+    retrained = run_flow(train_flow, runtime, train=train).summary.trained
+    MlflowClient(runtime.mlflow_uri).set_registered_model_alias(
+        "segflow-unet", "champion", retrained.version
+    )
+
+    nightly = run_flow(infer_flow, runtime, archive=archive, ingest=ingest, infer=config.infer)
+    outcomes = by_stage(nightly.summary)
+    assert nightly.summary.segmented_with == f"models:/segflow-unet/{retrained.version}"
+    assert {outcomes["ingest", s].status for s in "abc"} == {"cached"}
+    assert {outcomes["infer", s].status for s in "abc"} == {"written"}
+    recorded = SlideStore.open(stores[0]).group["labels/segmentation"].attrs["segflow"]
+    assert recorded["model_uri"] == f"models:/segflow-unet/{retrained.version}"
+
+    again = run_flow(infer_flow, runtime, archive=archive, ingest=ingest, infer=config.infer)
+    assert {o.status for o in again.summary.outcomes} == {"cached"}
+
+
+def test_cache_keys_follow_inputs_and_settings_only(tmp_path):
+    slide = tmp_path / "s.tif"
+    slide.write_bytes(b"pixels")
+    config = IngestConfig()
+
+    def key(config: IngestConfig) -> str:
+        return digest("ingest", file_identity(slide), settings_of(config))
+
+    base = key(config)
+    assert key(config.model_copy()) == base
+    # Where and how the work runs, and "redo it" switches, are not inputs.
+    assert key(config.model_copy(update={"parallel_slides": 7, "overwrite": True})) == base
+    cluster = config.cluster.model_copy(update={"n_workers": 9})
+    assert key(config.model_copy(update={"cluster": cluster})) == base
+    assert key(config.model_copy(update={"chunk_size": 512})) != base
+    os.utime(slide, ns=(1, 1))
+    assert key(config) != base
+
+
+def test_summary_markdown_has_a_row_per_slide_and_names_failures():
+    summary = RunSummary(
+        "infer",
+        [
+            StageOutcome("infer", "s1", "written", seconds=2.0),
+            StageOutcome("infer", "s2", "failed", detail="s2.zarr: model expects 1 channel | 3"),
+        ],
+        segmented_with="models:/m/3",
+    )
+    markdown = summary.markdown()
+    assert "infer: 2 slide(s), 1 failed (s2)" in markdown
+    assert "| s1 | written | 2.0 |" in markdown
+    assert "| s2 | **FAILED** |" in markdown
+    assert "expects 1 channel \\| 3" in markdown  # a pipe in a message cannot break the table
+    assert "models:/m/3" in markdown
+
+
+def test_deployments_include_a_nightly_infer_with_valid_parameters(tmp_path):
+    config = load_config(PipelineConfig, None, [f"archive={tmp_path}"])
+    runtime = Runtime(workdir=tmp_path / "work").resolved({})
+    built = {d.name: d for d in deployments(config, runtime, "30 1 * * *")}
+    assert set(built) == {NIGHTLY, "pipeline", "ingest", "weights", "train", "infer"}
+    nightly = built[NIGHTLY]
+    assert [s.schedule.cron for s in nightly.schedules] == ["30 1 * * *"]
+    assert nightly.parameters["model_uri"] == "models:/segflow-unet@champion"
+    # The parameters validate against the flows' typed signatures, as Prefect checks them.
+    infer_flow.validate_parameters(nightly.parameters)
+    pipeline_flow.validate_parameters(built["pipeline"].parameters)
