@@ -186,13 +186,14 @@ def _train_config(args, runtime, paths, overrides):
 
 
 def _ingest(args, runtime, paths, overrides) -> int:
+    if not paths:
+        raise UsageError("ingest: name at least one slide or folder of slides")
+    sources = existing(paths)
     from flows.pipeline import ingest_flow
     from pipelines.ingest import IngestConfig
 
-    if not paths:
-        raise UsageError("ingest: name at least one slide or folder of slides")
     config = load(IngestConfig, args.config, overrides)
-    return _run(args, runtime, ingest_flow, sources=existing(paths), ingest=config)
+    return _run(args, runtime, ingest_flow, sources=sources, ingest=config)
 
 
 def _weights(args, runtime, paths, overrides) -> int:

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from flow_helpers import TINY, prefect_api, tiny_archive
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -17,50 +19,24 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.cache_keys import digest, file_identity, settings_of
 from flows.deployments import NIGHTLY, deployments
 from flows.outcomes import RunSummary, StageOutcome
-from flows.pipeline import PipelineConfig, infer_flow, pipeline_flow, train_flow
+from flows.pipeline import (
+    PipelineConfig,
+    infer_flow,
+    ingest_flow,
+    pipeline_flow,
+    train_flow,
+    weights_flow,
+)
 from flows.runner import run_flow
 from flows.runtime import Runtime
 from pipelines.config import load_config
 from pipelines.ingest import IngestConfig
 from pipelines.train import TrainConfig
 from segcore.store import SlideStore
-from segcore.synthetic import write_synthetic_slide
-
-# Small enough for seconds per stage on 2 cores; threads, not processes, for the clusters.
-TINY = [
-    "ingest.chunk_size=128",
-    "ingest.min_level_size=64",
-    "ingest.cluster.processes=false",
-    "weights.block_size=128",
-    "weights.cluster.processes=false",
-    "train.model.base_channels=4",
-    "train.model.depth=3",
-    "train.max_steps=4",
-    "train.steps_per_epoch=2",
-    "train.output_size=64",
-    "train.num_workers=0",
-    "train.checkpoint_every=2",
-    "infer.tile_size=124",
-    "infer.block_size=128",
-    "infer.cluster.processes=false",
-]
-
-
-def tiny_archive(folder: Path) -> Path:
-    """Two labelled slides, one unlabelled, one corrupt TIFF."""
-    folder.mkdir(parents=True)
-    for name, seed in (("a", 1), ("b", 2)):
-        write_synthetic_slide(folder / f"{name}.tif", folder / f"{name}_labels.tif", 256, 256, seed)
-    truth = folder.parent / "truth"
-    truth.mkdir()
-    write_synthetic_slide(folder / "c.tif", truth / "c_labels.tif", 256, 256, 3)
-    (folder / "broken.tif").write_bytes(b"II*\x00" + bytes(range(256)) * 2)
-    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -71,8 +47,8 @@ def own_tracking_uri(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=180):
+def prefect_server():
+    with prefect_api():
         yield
 
 
@@ -97,7 +73,7 @@ def by_stage(summary: RunSummary) -> dict[tuple[str, str], StageOutcome]:
 
 @pytest.mark.integration
 def test_pipeline_isolates_a_corrupt_slide_and_reruns_without_work(
-    tmp_path, prefect_api, monkeypatch
+    tmp_path, prefect_server, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)  # anything a library writes to its cwd stays out of the repo
     archive = tiny_archive(tmp_path / "archive")
@@ -150,7 +126,7 @@ def test_pipeline_isolates_a_corrupt_slide_and_reruns_without_work(
 
 
 @pytest.mark.integration
-def test_infer_flow_resegments_when_the_champion_changes(tmp_path, prefect_api, monkeypatch):
+def test_infer_flow_resegments_when_the_champion_changes(tmp_path, prefect_server, monkeypatch):
     monkeypatch.chdir(tmp_path)
     archive = tiny_archive(tmp_path / "archive")
     (archive / "broken.tif").unlink()
@@ -230,3 +206,19 @@ def test_deployments_include_a_nightly_infer_with_valid_parameters(tmp_path):
     # The parameters validate against the flows' typed signatures, as Prefect checks them.
     infer_flow.validate_parameters(nightly.parameters)
     pipeline_flow.validate_parameters(built["pipeline"].parameters)
+
+
+def test_prefect_yaml_deployments_point_at_the_flows_with_valid_parameters():
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())
+    flows = {f.fn.__name__: f for f in (infer_flow, pipeline_flow, train_flow)}
+    flows |= {"ingest_flow": ingest_flow, "weights_flow": weights_flow}
+    names = set()
+    for deployment in spec["deployments"]:
+        path, _, name = deployment["entrypoint"].partition(":")
+        assert path == "flows/pipeline.py"
+        names.add(deployment["name"])
+        if name != "train_flow":  # its TrainConfig (the stores) is given when a run starts
+            flows[name].validate_parameters(deployment["parameters"])
+    assert names == {NIGHTLY, "pipeline", "ingest", "weights", "train", "infer"}
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == NIGHTLY]
+    assert nightly["schedules"][0]["cron"] and nightly["work_pool"]["name"] == "segflow"
