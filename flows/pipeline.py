@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.models import pin_model
 from flows.outcomes import RunSummary, SlideFailures, StageOutcome, TrainedModel
 from flows.runtime import Runtime
-from flows.stages import run_infer, run_ingest, run_train, run_weights
+from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
 from pipelines.infer import InferConfig, discover_stores
 from pipelines.ingest import IngestConfig, SlideSource, discover_sources
 from pipelines.train import TrainConfig, TrainResult
@@ -251,7 +251,7 @@ def pipeline_flow(config: PipelineConfig, runtime: Runtime = DEFAULT_RUNTIME) ->
         _train_stage(train, summary)
     else:
         note = "no labelled slide to train on; segmenting with the current champion"
-        summary.outcomes.append(StageOutcome("train", "", "skipped", detail=note))
+        summary.outcomes.append(StageOutcome("train", TRAINING, "skipped", detail=note))
     champion = f"models:/{config.train.registered_model_name}@champion"
     _infer_stage(stores, champion, config.infer, runtime, summary)
     return _finish(summary)

@@ -33,6 +33,9 @@ from pipelines.train import TrainConfig, TrainResult
 from pipelines.weightmaps import WeightsConfig, WeightsResult
 from segcore.store import LABELS_GROUP, SEGMENTATION
 
+#: The "slide" of the training task's outcome.
+TRAINING = "training"
+
 
 @dataclass(frozen=True)
 class Call:
@@ -114,6 +117,8 @@ def run_ingest(
     def still_valid(result: IngestResult) -> bool:
         return store_identity(result.store)[1] == result.checksum
 
+    if not sources:
+        return []
     with _client(runtime, config.cluster) as client:
         calls = [
             Call(s.name, {"source": s, "out_dir": out_dir, "config": config, "client": client})
@@ -130,6 +135,8 @@ def run_weights(
     def still_valid(result: WeightsResult) -> bool:
         return output_state(result.store, WEIGHT_ARRAY) is not None
 
+    if not stores:
+        return []
     with _client(runtime, config.cluster) as client:
         calls = [_store_call(s, {"config": config, "client": client}) for s in stores]
         return run_tasks("weights", weights_task, calls, still_valid)
@@ -142,13 +149,13 @@ def run_train(config: TrainConfig) -> tuple[StageOutcome, TrainResult | None]:
         return registered(result, config.resolved_tracking_uri)
 
     (pair,) = run_tasks(
-        "train", train_task, [Call("", {"config": config})], still_valid, config.resume
+        "train", train_task, [Call(TRAINING, {"config": config})], still_valid, config.resume
     )
     outcome, result = pair
     if result is not None:
         outcome = StageOutcome(
             "train",
-            "",
+            TRAINING,
             outcome.status,
             seconds=outcome.seconds,
             detail=f"MLflow run {result.run_id}, version {result.version}",
@@ -193,6 +200,8 @@ def run_infer(
         replace = made_by is not None and made_by != model_uri
         return config.model_copy(update={"overwrite": True}) if replace else config
 
+    if not stores:
+        return []
     with _client(runtime, config.cluster) as client:
         calls = [
             _store_call(s, {"model_uri": model_uri, "config": settings(s), "client": client})

@@ -93,7 +93,7 @@ def test_pipeline_isolates_a_corrupt_slide_and_reruns_without_work(
         store = SlideStore.open(runtime.stores_dir / f"{slide}.zarr")
         assert store.segmentation is not None and store.instances is not None
     assert {s for st, s in outcomes if st == "weights"} == {"a", "b"}
-    assert outcomes["train", ""].status == "written"
+    assert outcomes["train", "training"].status == "written"
     assert first.summary.trained is not None and first.summary.trained.champion
     assert first.summary.segmented_with == f"models:/segflow-unet/{first.summary.trained.version}"
     # The flow run ends Failed, and its artifact lists every slide with the failure.
