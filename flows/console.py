@@ -25,6 +25,8 @@ from flows.outcomes import STAGES, RunSummary, StageOutcome
 #: Loggers with handlers of their own: the root (Prefect's console handler) and MLflow's.
 QUIET_LOGGERS = ("", "mlflow")
 ARTIFACT_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+#: Stages whose library shows its own progress bar.
+OWN_PROGRESS = frozenset({"train"})
 STATUS_STYLE = {"written": "green", "skipped": "cyan", "cached": "blue"}
 
 
@@ -38,11 +40,17 @@ class StageBars:
 
     def stage_started(self, stage: str, total: int) -> None:
         self._bars[stage] = self._progress.add_task(stage, total=total, failed="")
+        if stage in OWN_PROGRESS:
+            # Lightning draws its own live bar (steps, loss) on a terminal; two live displays
+            # would overwrite each other, so ours pauses while it trains.
+            self._progress.stop()
 
     def task_finished(self, outcome: StageOutcome) -> None:
         bar = self._bars.get(outcome.stage)
         if bar is None:
             return
+        if outcome.stage in OWN_PROGRESS:
+            self._progress.start()
         if outcome.failed:
             self._failed[outcome.stage] = self._failed.get(outcome.stage, 0) + 1
         failed = self._failed.get(outcome.stage)
