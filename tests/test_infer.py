@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -162,6 +163,17 @@ def test_background_blocks_are_not_computed(tmp_path, model, model_file, client)
     assert result.tissue_fraction == pytest.approx(tissue.mean())
 
 
+def test_thin_slide_blocks_share_no_chunk(tmp_path, model, model_file, client):
+    """40 rows (less than one tile) by 700: square chunks of the block side along x."""
+    image = smooth_image((40, 700), seed=10)
+    store = make_store(tmp_path / "s.zarr", image)
+    result = infer_slide(store, model_file, config(block_size=104), client)
+    assert result.blocks["total"] == 7
+    seg = SlideStore.open(store).segmentation
+    assert seg.chunks == (40, 104)
+    np.testing.assert_array_equal(seg[...], reference_classes(model, image))
+
+
 def test_killed_run_resumes_to_identical_bytes(tmp_path, model_file, client):
     """kill -9 mid-run, run again: only unfinished blocks run; chunks equal an uninterrupted run."""
     store = make_store(tmp_path / "s.zarr", smooth_image((800, 800), seed=4))
@@ -244,7 +256,7 @@ def test_second_run_on_the_same_output_refuses(tmp_path, model_file, client):
     store = make_store(tmp_path / "s.zarr", smooth_image((80, 90), seed=8))
     lock = store / JOURNAL_DIR / "lock"
     lock.parent.mkdir()
-    holder = {"pid": os.getpid(), "host": os.uname().nodename, "start": time.time()}
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "start": time.time()}
     lock.write_text(json.dumps(holder))
     with pytest.raises(InferError, match="another inference run holds it"):
         infer_slide(store, model_file, config(), client)
@@ -260,9 +272,13 @@ def test_probabilities_match_the_class_map(tmp_path, model, model_file, client):
     image = smooth_image((120, 140), seed=9)
     store = make_store(tmp_path / "s.zarr", image)
     infer_slide(store, model_file, config(probabilities="uint8"), client)
+    assert zarr.open_group(store / "probabilities", mode="r").attrs["ome"]["multiscales"]
     probs = zarr.open_array(store / "probabilities" / "0", mode="r")[...]
     classes = SlideStore.open(store).segmentation[...]
     assert probs.shape == (2, 120, 140) and probs.dtype == np.uint8
     assert np.abs(probs.astype(int).sum(0) - 255).max() <= 1
     decided = np.abs(probs[1].astype(int) - probs[0].astype(int)) > 1
     np.testing.assert_array_equal(probs.argmax(0)[decided], classes[decided])
+    # A later run without probabilities removes the ones that belonged to the replaced result.
+    infer_slide(store, model_file, config(batch_size=2, overwrite=True), client)
+    assert not (store / "probabilities").exists()

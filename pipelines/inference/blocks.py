@@ -93,7 +93,9 @@ def run_block(job: BlockJob) -> dict:
                 device=runner.device,
                 precision=job.precision,
             )
-        classes = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        classes = (
+            logits.max(0).indices.to(torch.uint8).cpu().numpy()
+        )  # argmax(0) is 8x slower on CPU
         zarr.open_array(job.segmentation, mode="r+")[job.block.region] = classes
         if job.probabilities is not None:
             probs = zarr.open_array(job.probabilities, mode="r+")

@@ -26,6 +26,7 @@ from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION
 
 PROBABILITIES = "probabilities"
 _BUILT = "built"
+_READY = "ready"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def create_work_group(
 ) -> WorkGroup:
     """Create (or reopen, when resuming) the run's empty segmentation and probability arrays."""
     work = WorkGroup(root)
-    if work.label_path(SEGMENTATION).exists():
+    if (root / _READY).exists():
         return work
     group = zarr.open_group(root, mode="w")
     if probabilities is not None:
@@ -73,8 +74,8 @@ def create_work_group(
             min_level_size=max(shape),  # one level: probabilities are for analysis, not viewing
             mpp=mpp,
         )
-    # Level 0 last: its presence marks the group as ready for blocks.
     ngff.create_label(group, SEGMENTATION, shape, "uint8", n_levels, chunk_size, mpp=mpp)
+    (root / _READY).touch()
     return work
 
 
@@ -130,6 +131,9 @@ def record_run(work: WorkGroup, attrs: dict) -> None:
     label = work.root / LABELS_GROUP / SEGMENTATION
     if label.exists():
         zarr.open_group(label, mode="r+").attrs["segflow"] = attrs
+    if (work.root / PROBABILITIES).exists():
+        probabilities = zarr.open_group(work.root / PROBABILITIES, mode="r+")
+        probabilities.attrs["segflow"] = {"run_key": attrs["run_key"]}
 
 
 def built_instances(work: WorkGroup) -> int:
@@ -153,8 +157,9 @@ def _ensure_group(path: Path, attrs: dict) -> zarr.Group:
         return zarr.create_group(path, attributes=attrs)
 
 
-def install(work: WorkGroup, output: Path, image_store: Path) -> None:
-    """Move the finished groups into `output` and list the labels there (idempotent)."""
+def install(work: WorkGroup, output: Path, image_store: Path, probabilities: bool) -> None:
+    """Move the finished groups into `output` and list the labels there (idempotent); an older
+    run's probabilities go when this run wrote none, as they belong to the result replaced."""
     _ensure_group(output, {"segflow": {"source": str(image_store)}})
     labels = _ensure_group(output / LABELS_GROUP, {})
     trash = work.root.parent / "trash"
@@ -174,6 +179,8 @@ def install(work: WorkGroup, output: Path, image_store: Path) -> None:
         _replace_dir(new, output / LABELS_GROUP / name, trash)
     if (work.root / PROBABILITIES).exists():
         _replace_dir(work.root / PROBABILITIES, output / PROBABILITIES, trash)
+    elif not probabilities:
+        shutil.rmtree(output / PROBABILITIES, ignore_errors=True)
     names = get_metadata(labels).get("labels", [])
     listed = names + [n for n in (SEGMENTATION, INSTANCES) if n not in names]
     if listed != names:

@@ -66,11 +66,12 @@ class Block:
 
 @dataclass(frozen=True)
 class SlidePlan:
-    """Blocks of one slide in raster order; `chunks` is the output chunk shape."""
+    """Blocks of one slide in raster order; output chunks are `chunk_side` px squares (cut at
+    the slide's edge), so every chunk lies in exactly one block."""
 
     shape: tuple[int, int]
     tiles: TilePlan
-    chunks: tuple[int, int]
+    chunk_side: int
     blocks: tuple[Block, ...]
 
     @property
@@ -112,15 +113,16 @@ def plan_slide(
 ) -> SlidePlan:
     """Blocks covering a slide of `shape` (H, W), each owning whole output chunks."""
     tiles = plan_tiles(shape, geometry, tile_size)
-    sides = tuple(block_side(s, block_size) for s in tiles.stride)
-    ys = _axis_edges(shape[0], sides[0], tiles.origins_y)
-    xs = _axis_edges(shape[1], sides[1], tiles.origins_x)
+    # An axis shorter than one tile gets a smaller tile and stride from plan_tiles, but also a
+    # single block; the other axis's (larger) stride sets the square chunk grid.
+    side = block_side(max(tiles.stride), block_size)
+    ys = _axis_edges(shape[0], side, tiles.origins_y)
+    xs = _axis_edges(shape[1], side, tiles.origins_x)
     blocks = tuple(
         Block((i, j), y0, y1, x0, x1, _local_plan(tiles, y0, y1, x0, x1))
         for i, (y0, y1) in enumerate(zip(ys[:-1], ys[1:], strict=True))
         for j, (x0, x1) in enumerate(zip(xs[:-1], xs[1:], strict=True))
     )
-    chunks = (min(sides[0], shape[0]), min(sides[1], shape[1]))
     return SlidePlan(
-        shape=(int(shape[0]), int(shape[1])), tiles=tiles, chunks=chunks, blocks=blocks
+        shape=(int(shape[0]), int(shape[1])), tiles=tiles, chunk_side=side, blocks=blocks
     )
