@@ -3,12 +3,13 @@ bad input (no tracebacks unless --debug), and per-slide failures reported by the
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from flow_helpers import prefect_api
+from flow_helpers import TINY, prefect_api
 
 from flows.cli import main
 from segcore.store import SlideStore
@@ -139,3 +140,45 @@ def test_stage_commands_fail_bad_slides_alone(tmp_path, capsys, monkeypatch):
         assert code == 1
         assert_one_line_error(err, "models:/absent@champion: no such model version")
         assert SlideStore.open(store).segmentation is None
+
+
+@pytest.mark.slow  # ~50 s: trains a model, then segments in a fresh process
+@pytest.mark.integration
+def test_each_stage_command_runs_alone_one_after_another(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    write_synthetic_slide(archive / "s.tif", archive / "s_labels.tif", 256, 256, seed=6)
+    workdir = tmp_path / "work"
+    common = ["--workdir", str(workdir)]
+    store = workdir / "stores" / "s.zarr"
+    train = [f"{item.removeprefix('train.')}" for item in TINY if item.startswith("train.")]
+
+    with prefect_api():
+        assert run(capsys, "ingest", str(archive), *TINY_INGEST, *common)[0] == 0
+        weights = ["block_size=128", "cluster.processes=false"]
+        assert run(capsys, "weights", *weights, *common)[0] == 0
+        assert SlideStore.open(store).weight is not None
+        code, out, err = run(capsys, "train", str(store), *train, *common)
+        assert code == 0, err
+        assert "training" not in err
+
+    # A fresh process, as a user runs it, with nothing configured: the model comes from the
+    # embedded registry. (Training in this process set MLFLOW_TRACKING_URI; not inherited.)
+    infer = ["tile_size=124", "block_size=128", "cluster.processes=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(
+        [str(SEGFLOW), "infer", *infer, *common],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert SlideStore.open(store).segmentation is not None
+    assert "models:/segflow-unet/1" in str(
+        SlideStore.open(store).group["labels/segmentation"].attrs["segflow"]["model_uri"]
+    )
+    assert not (tmp_path / "mlflow.db").exists()  # nothing written to the working directory
