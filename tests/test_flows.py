@@ -19,6 +19,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
+from prefect.states import Failed
 
 from flows.cache_keys import digest, file_identity, settings_of
 from flows.deployments import NIGHTLY, deployments
@@ -33,8 +34,9 @@ from flows.pipeline import (
 )
 from flows.runner import run_flow
 from flows.runtime import Runtime
+from flows.tasks import infer_task, ingest_slide_task, is_transient, train_task
 from pipelines.config import load_config
-from pipelines.ingest import IngestConfig
+from pipelines.ingest import IngestConfig, IngestError
 from pipelines.train import TrainConfig
 from segcore.store import SlideStore
 
@@ -222,3 +224,11 @@ def test_prefect_yaml_deployments_point_at_the_flows_with_valid_parameters():
     assert names == {NIGHTLY, "pipeline", "ingest", "weights", "train", "infer"}
     (nightly,) = [d for d in spec["deployments"] if d["name"] == NIGHTLY]
     assert nightly["schedules"][0]["cron"] and nightly["work_pool"]["name"] == "segflow"
+
+
+def test_io_errors_are_retried_bad_input_is_not():
+    assert is_transient(ingest_slide_task, None, Failed(data=OSError("stale NFS handle")))
+    assert is_transient(infer_task, None, Failed(data=TimeoutError("worker lost")))
+    assert not is_transient(ingest_slide_task, None, Failed(data=IngestError("x.tif: corrupt")))
+    assert ingest_slide_task.retries == 2 and infer_task.retries == 2
+    assert train_task.retries == 0  # a rerun would start a second MLflow run
