@@ -1,16 +1,17 @@
 """Prefect cache keys: a task whose inputs are unchanged is answered from the cache on a re-run.
 
-A key hashes what decides a task's output and nothing else: the stage settings (minus where
-the work runs), the identity of the input (a source file's size and modification time, a
-store's content checksum recorded at ingest), the model version for inference, and the state
-of the output the cached result describes. The last part makes a deleted or rewritten output
-a cache miss, so the cache never answers for work that is no longer on disk. Behind the cache,
-every stage still checks its own output (checksums, settings, run keys) and reports "skipped".
+A key hashes what decides a task's output and nothing else: the stage settings (less where
+and how the work runs), the identity of the input (a source file's size and modification
+time, a store's content checksum recorded at ingest, the weight maps a training run reads),
+and for inference the pinned model version. Outputs are not part of the key (a task's own
+output would change its key); instead flows.stages checks the output a cached result names
+and reruns the task with the cache refreshed when it is gone. Behind the cache, every stage
+still checks its own output (checksums, settings, run keys) and reports "skipped".
 
 Worked example: re-running the weights task of `a.zarr` with the same WeightsConfig hashes
-("weights", a.zarr, <checksum of a's pixels>, <settings>, <attrs of training/weight>) to the
-same key and returns the stored WeightsResult without touching Dask; deleting
-`a.zarr/training` changes the last part and the stage runs again.
+("weights", [a.zarr, <checksum of a's pixels>], <settings>) to the same key and returns the
+stored WeightsResult without touching Dask; after `a.zarr/training` was deleted, the cached
+result fails its check and the stage runs again.
 """
 
 from __future__ import annotations

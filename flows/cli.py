@@ -249,10 +249,10 @@ def _run_pipeline(args, runtime, paths, overrides) -> int:
 
 def _serve(args, runtime, paths, overrides) -> int:
     from flows.deployments import serve
-    from flows.runtime import prefect_session
+    from flows.runtime import prefect_api_url, prefect_session
 
     config = _pipeline_config(args, paths, overrides)
-    embedded = not os.environ.get("PREFECT_API_URL")
+    embedded = prefect_api_url(os.environ) is None
     if embedded:
         print(
             "segflow: serving on Prefect's temporary local API: schedules run while this "

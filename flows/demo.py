@@ -26,7 +26,7 @@ from flows.console import summary_table
 from flows.overlay import write_overlay
 from flows.pipeline import PipelineConfig, pipeline_flow
 from flows.runner import run_flow
-from flows.runtime import Runtime, prefect_database_url
+from flows.runtime import Runtime, prefect_api_url, prefect_database_url
 from segcore.metrics import segmentation_scores
 from segcore.store import SlideStore
 from segcore.synthetic import write_synthetic_slide
@@ -161,7 +161,7 @@ def _report(console, runtime, summary, flow_run_id, overlays, scores, started) -
             f"  MLflow UI:   mlflow ui --backend-store-uri {q(runtime.mlflow_uri)} --port 5000"
             "   # then http://127.0.0.1:5000"
         )
-    if not os.environ.get("PREFECT_API_URL"):
+    if prefect_api_url(os.environ) is None:
         url = prefect_database_url(runtime)
         console.print(
             f"  Prefect UI:  PREFECT_SERVER_DATABASE_CONNECTION_URL={q(url)} prefect server start"

@@ -17,6 +17,14 @@ from pydantic import BaseModel
 
 from pipelines.cluster import ClusterConfig
 
+#: Where the user already put Prefect's results (and so the task cache).
+STORAGE_VARIABLES = (
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+    "PREFECT_LOCAL_STORAGE_PATH",
+    "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
+    "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
+)
+
 
 class Runtime(BaseModel):
     """The services of a run; a field left None is taken from the environment, else embedded."""
@@ -63,10 +71,10 @@ def embedded_prefect_settings(runtime: Runtime, env: Mapping[str, str]) -> dict[
     """Prefect settings for a run: the task cache under the workdir and, when no API URL is set,
     a quiet temporary local server whose database is kept there too (so `prefect server start`
     on the same database shows the runs afterwards)."""
-    settings: dict[str, object] = {
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(runtime.prefect_dir / "storage"),
-    }
-    if not env.get("PREFECT_API_URL"):
+    settings: dict[str, object] = {}
+    if not any(env.get(name) for name in STORAGE_VARIABLES):
+        settings["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(runtime.prefect_dir / "storage")
+    if prefect_api_url(env) is None:
         settings |= {
             "PREFECT_SERVER_EPHEMERAL_ENABLED": True,
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(runtime),
@@ -76,6 +84,12 @@ def embedded_prefect_settings(runtime: Runtime, env: Mapping[str, str]) -> dict[
             "PREFECT_SERVER_ANALYTICS_ENABLED": False,
         }
     return settings
+
+
+def prefect_api_url(env: Mapping[str, str]) -> str | None:
+    """The Prefect server to use: PREFECT_API_URL, or the active Prefect profile's; None means
+    Prefect's temporary local server."""
+    return env.get("PREFECT_API_URL") or prefect.settings.get_current_settings().api.url or None
 
 
 def prefect_database_url(runtime: Runtime) -> str:
