@@ -1,0 +1,291 @@
+"""Stage 3: train a U-Net on slide stores with Lightning, tracked and registered in MLflow.
+
+`train(config)` is the library call (flows and `segflow train` use it); `python -m
+pipelines.train --config train.yaml key=value ...` runs it from a shell and is also what
+Lightning's "ddp" strategy re-executes once per extra device. The pieces live in
+`pipelines.training`: config, data, normalization, module, tracking, registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ValidationError
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+
+from pipelines.config import ConfigError, load_config
+from pipelines.training.config import Normalization, TrainConfig
+from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
+from pipelines.training.module import UNetModule, ValidateAtEnd
+from pipelines.training.normalization import estimate_normalization
+from pipelines.training.registry import log_and_register, model_metadata
+from pipelines.training.tracking import (
+    LAST_CHECKPOINT,
+    ResumePoint,
+    RunTracker,
+    find_resume_point,
+    learning_curve,
+)
+from segcore.checkpoint import save_unet
+from segcore.geometry import UNetGeometry
+
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "main", "train"]
+
+#: Training tiles the normalisation statistics are estimated from.
+NORMALIZATION_TILES = 16
+WEIGHTS_FILE = "model.pt"
+
+
+class TrainError(ValueError):
+    """Training cannot start (e.g. nothing to resume, channels that do not match)."""
+
+
+class TrainResult(BaseModel):
+    """What a run produced; on DDP ranks other than 0 only `rank` and `global_step` are set."""
+
+    rank: int = 0
+    run_id: str | None = None
+    experiment_id: str | None = None
+    model_uri: str | None = None
+    registered_name: str | None = None
+    version: str | None = None
+    became_champion: bool = False
+    metrics: dict[str, float] = {}
+    checkpoint: Path | None = None
+    weights: Path | None = None
+    global_step: int = 0
+    resumed_from_step: int | None = None
+
+
+def _precision(config: TrainConfig) -> str:
+    """bf16 mixed precision on GPUs, full fp32 elsewhere, unless configured."""
+    if config.precision != "auto":
+        return config.precision
+    on_gpu = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def _checkpoint_payload(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _normalization(
+    config: TrainConfig, datamodule: SlideTileDataModule, resume_payload: dict | None
+) -> Normalization:
+    """Configured, else the resumed run's, else estimated from seeded training tiles."""
+    if config.normalization is not None:
+        return config.normalization
+    if resume_payload is not None:
+        return Normalization(**resume_payload["hyper_parameters"]["normalization"])
+    rng = np.random.default_rng([config.seed, 0x6E6F726D])  # a stream of its own ("norm")
+    positions = datamodule.sampler(rank=0).positions(rng, NORMALIZATION_TILES)
+    return estimate_normalization(datamodule.dataset(), positions)
+
+
+def _unet_config(config: TrainConfig, channels: int) -> dict:
+    model = config.model.model_dump()
+    if model["in_channels"] is None:
+        model["in_channels"] = channels
+    elif model["in_channels"] != channels:
+        raise TrainError(
+            f"model.in_channels is {model['in_channels']} but the stores have {channels} channels"
+        )
+    return model
+
+
+def _build_module(
+    config: TrainConfig, tile: TileShape, channels: int, normalization: Normalization
+) -> UNetModule:
+    return UNetModule(
+        unet_config=_unet_config(config, channels),
+        normalization=normalization.model_dump(),
+        tile_output=tile.output,
+        loss=config.loss,
+        dice_weight=config.dice_weight,
+        optimizer=config.optimizer.model_dump(),
+        augment=asdict(config.augment) if config.augment_enabled else None,
+        seed=config.seed,
+    )
+
+
+def _load_best_weights(module: UNetModule, checkpoint: Path) -> None:
+    state = _checkpoint_payload(checkpoint)["state_dict"]
+    prefix = "model."
+    module.model.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    )
+
+
+def _finish_run(
+    config: TrainConfig,
+    module: UNetModule,
+    tile: TileShape,
+    tracker: RunTracker,
+    best: ModelCheckpoint | None,
+    last_path: Path,
+) -> dict:
+    """Rank 0 after fit: export the best model, log and register it, draw the curves."""
+    if best is not None and best.best_model_path:
+        checkpoint, val_iou = Path(best.best_model_path), float(best.best_model_score)
+    else:
+        checkpoint, val_iou = last_path, float("nan")
+    _load_best_weights(module, checkpoint)
+    exported = module.exported_unet()
+    metadata = model_metadata(exported, module.normalization, tile)
+    weights = tracker.run_dir / WEIGHTS_FILE
+    save_unet(exported, weights, extra={"metadata": metadata})
+    registration = log_and_register(
+        config.resolved_tracking_uri,
+        tracker.run_id,
+        exported,
+        metadata,
+        config.registered_model_name,
+        val_iou,
+        weights,
+    )
+    client = MlflowClient(config.resolved_tracking_uri)
+    client.log_figure(tracker.run_id, learning_curve(client, tracker.run_id), "learning_curve.png")
+    run = client.get_run(tracker.run_id)
+    metrics = dict(run.data.metrics)
+    if math.isfinite(val_iou):
+        metrics["best_val_iou"] = val_iou
+    return {
+        "run_id": tracker.run_id,
+        "experiment_id": run.info.experiment_id,
+        "model_uri": registration.model_uri,
+        "registered_name": config.registered_model_name,
+        "version": registration.version,
+        "became_champion": registration.became_champion,
+        "metrics": metrics,
+        "checkpoint": checkpoint,
+        "weights": weights,
+    }
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train, checkpoint, track and register one U-Net as `config` says."""
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    resume: ResumePoint | None = None
+    resume_payload = None
+    if config.resume:
+        resume = find_resume_point(config.checkpoint_root)
+        if resume is None:
+            raise TrainError(f"{config.checkpoint_root}: nothing to resume (no {LAST_CHECKPOINT})")
+        resume_payload = _checkpoint_payload(resume.checkpoint)
+
+    geometry = UNetGeometry(depth=config.model.depth, padding=config.model.padding)
+    tile = tile_shape(geometry, config.tile_size, config.output_size)
+    datamodule = SlideTileDataModule(config, geometry, tile)
+    normalization = _normalization(config, datamodule, resume_payload)
+    module = _build_module(config, tile, datamodule.channels, normalization)
+
+    last = ModelCheckpoint(
+        filename="step{step:07d}",
+        every_n_train_steps=config.checkpoint_every,
+        save_top_k=0,
+        save_last=True,
+    )
+    best = None
+    if datamodule.regions:
+        best = ModelCheckpoint(
+            filename="best-{step:07d}", monitor="val_iou", mode="max", save_top_k=1
+        )
+    checkpoints = [c for c in (last, best) if c is not None]
+    tracker = RunTracker(
+        config,
+        extra_params={"tile": asdict(tile), "normalization": normalization.model_dump()},
+        resumed=resume is not None,
+        checkpoints=checkpoints,
+    )
+    logger = MLFlowLogger(
+        experiment_name=config.experiment,
+        run_name=config.run_name,
+        tracking_uri=config.resolved_tracking_uri,
+        artifact_location=config.artifact_location,
+        run_id=resume.run_id if resume else None,
+    )
+    trainer = pl.Trainer(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=config.strategy,
+        num_nodes=config.num_nodes,
+        precision=_precision(config),
+        max_steps=config.max_steps,
+        max_epochs=config.max_epochs,
+        check_val_every_n_epoch=config.val_every,
+        limit_val_batches=1.0 if datamodule.regions else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=config.log_every,
+        logger=logger,
+        callbacks=[
+            tracker,
+            ValidateAtEnd(),
+            LearningRateMonitor(logging_interval="step"),
+            *checkpoints,
+        ],
+        default_root_dir=config.workdir,
+        # TileSampler shards by rank itself; Lightning must not wrap it.
+        use_distributed_sampler=False,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+    )
+    trainer.fit(
+        module,
+        datamodule=datamodule,
+        ckpt_path=resume.checkpoint if resume else None,
+        weights_only=True,
+    )
+    last_path = tracker.run_dir / LAST_CHECKPOINT
+    # The periodic checkpoint may lag the final step; every rank takes part in saving.
+    trainer.save_checkpoint(last_path, weights_only=False)
+
+    result = {
+        "rank": trainer.global_rank,
+        "global_step": trainer.global_step,
+        "resumed_from_step": resume_payload["global_step"] if resume_payload else None,
+    }
+    if trainer.is_global_zero:
+        result |= _finish_run(config, module, tile, tracker, best, last_path)
+    return TrainResult(**result)
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.train --config train.yaml key=value ...`; prints the result JSON."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
+    parser.add_argument("--config", type=Path, help="YAML file with TrainConfig fields")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=0.001")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(TrainConfig, args.config, args.overrides)
+    except ValidationError as exc:
+        print(f"train: invalid configuration {args.config}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config)
+    except ValueError as exc:  # StoreError, TrainingDataError, TrainError, CheckpointError
+        print(f"train: {exc}", file=sys.stderr)
+        return 1
+    if result.rank == 0:
+        print(result.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The parts of stage 3 (training): config, data, normalization, module, tracking, registry."""

@@ -1,0 +1,152 @@
+"""The one typed training configuration: YAML file plus dotted overrides (pipelines.config)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from segcore.augment import AugmentConfig
+from segcore.geometry import Padding
+
+LossName = Literal["weighted_ce", "ce", "weighted_ce+dice"]
+
+
+class ModelConfig(BaseModel):
+    """U-Net hyper-parameters (segcore.model.UNet); in_channels None = taken from the stores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    in_channels: int | None = Field(default=None, ge=1)
+    n_classes: int = Field(default=2, ge=2)
+    base_channels: int = Field(default=64, ge=1)
+    depth: int = Field(default=5, ge=1)
+    padding: Padding = "valid"
+    batch_norm: bool = False
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
+
+
+class OptimizerConfig(BaseModel):
+    """Paper default: SGD with momentum 0.99 at a constant rate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.99, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    schedule: Literal["none", "cosine", "onecycle"] = "none"
+
+
+class Normalization(BaseModel):
+    """Per-channel mean and std of the training images scaled to [0, 1].
+
+    The network sees (pixel / 255 - mean) / std; exported models take raw 0..255 values because
+    this affine map is folded into their first convolution (pipelines.training.normalization).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalization:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError("normalization mean and std need one value per channel")
+        if min(self.std) <= 0:
+            raise ValueError("normalization std must be positive")
+        return self
+
+
+class ValRegion(BaseModel):
+    """A held-out region of a store (level-0 px); height/width None = to the slide's edge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Path
+    y: int = Field(default=0, ge=0)
+    x: int = Field(default=0, ge=0)
+    height: int | None = Field(default=None, ge=1)
+    width: int | None = Field(default=None, ge=1)
+
+
+def _tracking_uri_from_environment() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run depends on; saved with the run as config.yaml and params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Data.
+    stores: list[Path] = Field(min_length=1)
+    val_stores: list[Path] = Field(default_factory=list)
+    val_regions: list[ValRegion] = Field(default_factory=list)
+    #: Share of sampling weight that tissue-free areas keep (tissue counts 1 per pixel).
+    background_weight: float = Field(default=0.05, ge=0)
+    normalization: Normalization | None = None
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment_enabled: bool = True
+    # Model and tiles: the input tile is `tile_size` (rounded down to a valid size) or, when
+    # None, the smallest valid input whose output covers `output_size`.
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tile_size: int | None = Field(default=None, ge=1)
+    output_size: int = Field(default=388, ge=1)
+    val_tile_size: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    # Schedule: an epoch is `steps_per_epoch` optimiser steps; validation every `val_every`
+    # epochs; a resumable checkpoint every `checkpoint_every` steps.
+    max_steps: int = Field(default=20000, ge=1)
+    max_epochs: int | None = Field(default=None, ge=1)
+    steps_per_epoch: int = Field(default=200, ge=1)
+    val_every: int = Field(default=1, ge=1)
+    checkpoint_every: int = Field(default=200, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: LossName = "weighted_ce"
+    dice_weight: float = Field(default=1.0, ge=0)
+    # Hardware (Lightning Trainer arguments); precision "auto" = bf16-mixed on GPU, else fp32.
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    strategy: str = "auto"
+    num_nodes: int = Field(default=1, ge=1)
+    precision: str = "auto"
+    num_workers: int = Field(default=2, ge=0)
+    seed: int = 0
+    # Tracking: tracking_uri None = sqlite:///<workdir>/mlflow.db with artifacts in
+    # <workdir>/mlartifacts; MLFLOW_TRACKING_URI is read here, once, when the config is built.
+    workdir: Path = Path("segflow-work")
+    tracking_uri: str | None = Field(default_factory=_tracking_uri_from_environment)
+    experiment: str = "segflow-unet"
+    registered_model_name: str = "segflow-unet"
+    run_name: str | None = None
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _channels_match(self) -> TrainConfig:
+        norm, channels = self.normalization, self.model.in_channels
+        if norm is not None and channels is not None and len(norm.mean) != channels:
+            raise ValueError("normalization needs one mean/std per input channel")
+        return self
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{self.workdir.resolve() / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Artifact root for a new experiment in the embedded store; a server picks its own."""
+        if self.tracking_uri:
+            return None
+        return (self.workdir.resolve() / "mlartifacts").as_uri()
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Per-run checkpoint folders live in <workdir>/checkpoints/<run id>/."""
+        return self.workdir / "checkpoints"

@@ -1,0 +1,393 @@
+"""Training tiles and validation regions from slide stores, for a LightningDataModule.
+
+Where to sample and what to read are kept apart: `TileSampler` draws output-tile origins in
+the main process (weighted toward tissue, seeded by (seed, epoch, rank), so every DDP rank
+draws its own positions and the stream does not depend on the number of DataLoader workers);
+`TileDataset` reads one input tile per origin in a worker, opening the Zarr arrays lazily in
+that worker and reading only the chunks under the tile's bounding box.
+
+Worked example, depth-5 U-Net (margin 92), output 388 px, a 1000 x 700 slide: an origin
+(y, x) = (612, 0) predicts rows 612..999 and columns 0..387; its input tile reads rows
+520..1091 and columns -92..479, mirrored about the slide's edge pixels (row 1000 reads row 998,
+column -1 reads column 1), so the network's valid output covers the target crop exactly.
+Target and weight are read over the whole input tile too: augmentation deforms all three
+with one field, and the module crops target and weight to the output afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipelines.training.config import TrainConfig
+from segcore.geometry import UNetGeometry
+from segcore.store import SlideStore
+from segcore.tiling import TilePlan, plan_tiles, reflect_indices
+
+
+class TrainingDataError(ValueError):
+    """A store cannot be trained or validated on (missing arrays, wrong shape or dtype)."""
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """Input tile side, and the side of the output it predicts (the target/weight crop)."""
+
+    input: int
+    output: int
+
+    @property
+    def margin(self) -> int:
+        return (self.input - self.output) // 2
+
+
+def tile_shape(geometry: UNetGeometry, tile_size: int | None, output_size: int) -> TileShape:
+    """`tile_size` rounded down to a valid input, or the smallest input covering `output_size`."""
+    if tile_size is None:
+        size = geometry.valid_input_size(output_size)
+    else:
+        size = geometry.valid_input_size_at_most(tile_size)
+        if size is None:
+            raise TrainingDataError(
+                f"tile_size {tile_size} is below the smallest valid input "
+                f"{geometry.valid_input_size(1)} of this U-Net"
+            )
+    return TileShape(size, geometry.output_size(size))
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What the sampler needs of one training store, read once in the main process."""
+
+    path: Path
+    height: int
+    width: int
+    channels: int
+    tissue: np.ndarray | None
+    tissue_downsample: int
+
+
+def open_training_store(path: Path, with_weight: bool) -> StoreInfo:
+    """Check that `path` holds an image, a target (and a weight map) of matching shape."""
+    store = SlideStore.open(path)
+    image = store.image(0)
+    if image.ndim != 3 or image.dtype != np.uint8:
+        raise TrainingDataError(
+            f"{path}: image must be (c, y, x) uint8, got {image.shape} {image.dtype}"
+        )
+    height, width = image.shape[1:]
+    arrays = {"training/target": store.target}
+    if with_weight:
+        arrays["training/weight"] = store.weight
+    for name, array in arrays.items():
+        if array is None:
+            raise TrainingDataError(f"{path}: no {name}; run the weight-map stage on it first")
+        if tuple(array.shape) != (height, width):
+            raise TrainingDataError(
+                f"{path}: {name} has shape {tuple(array.shape)}, image is {(height, width)}"
+            )
+    tissue = store.tissue
+    return StoreInfo(
+        path=Path(path),
+        height=height,
+        width=width,
+        channels=image.shape[0],
+        tissue=None if tissue is None else np.asarray(tissue[...]) > 0,
+        tissue_downsample=store.tissue_downsample if tissue is not None else 1,
+    )
+
+
+def _cell_weights(info: StoreInfo, background_weight: float) -> np.ndarray:
+    """Sampling weight per tissue-mask cell: 1 on tissue, `background_weight` elsewhere."""
+    if info.tissue is None:
+        return np.ones((1, 1))
+    weights = np.where(info.tissue, 1.0, background_weight)
+    if weights.sum() == 0:  # no tissue and background excluded: fall back to uniform
+        return np.ones_like(weights)
+    return weights
+
+
+def output_origin(centre: int, extent: int, output: int) -> int:
+    """Origin of an output window of side `output` around `centre`, kept inside the slide.
+
+    A slide smaller than the window gets it centred (target and weight are then mirrored too).
+    """
+    if extent < output:
+        return -((output - extent) // 2)
+    return int(np.clip(centre - output // 2, 0, extent - output))
+
+
+class TileSampler(Sampler[tuple[int, int, int]]):
+    """Yields (store index, y, x) output origins, `length` per epoch, for one DDP rank."""
+
+    def __init__(
+        self,
+        stores: list[StoreInfo],
+        tile: TileShape,
+        length: int,
+        seed: int,
+        rank: int = 0,
+        background_weight: float = 0.05,
+    ) -> None:
+        self.stores = stores
+        self.tile = tile
+        self.length = length
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        cells = [_cell_weights(s, background_weight) for s in stores]
+        self._cell_cdf = [np.cumsum(c.ravel()) for c in cells]
+        self._cell_shape = [c.shape for c in cells]
+        # A store's share is its weighted area: cells times the level-0 px each covers.
+        mass = np.array(
+            [
+                cdf[-1] * s.tissue_downsample**2
+                for cdf, s in zip(self._cell_cdf, stores, strict=True)
+            ]
+        )
+        self._store_p = mass / mass.sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def positions(self, rng: np.random.Generator, n: int) -> list[tuple[int, int, int]]:
+        """`n` output origins drawn with `rng`."""
+        which = rng.choice(len(self.stores), size=n, p=self._store_p)
+        out = []
+        for s in which:
+            info = self.stores[s]
+            cdf, cols = self._cell_cdf[s], self._cell_shape[s][1]
+            cell = min(
+                int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), cdf.size - 1
+            )
+            cy, cx = divmod(cell, cols)
+            if info.tissue is None:
+                cy_px, cx_px = rng.integers(info.height), rng.integers(info.width)
+            else:
+                k = info.tissue_downsample
+                cy_px = min(cy * k + int(rng.integers(k)), info.height - 1)
+                cx_px = min(cx * k + int(rng.integers(k)), info.width - 1)
+            out.append(
+                (
+                    int(s),
+                    output_origin(int(cy_px), info.height, self.tile.output),
+                    output_origin(int(cx_px), info.width, self.tile.output),
+                )
+            )
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        return iter(self.positions(rng, self.length))
+
+
+def read_mirrored(array: zarr.Array, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """array[..., rows, cols] for mirrored index vectors: one bounding-box read, then a gather."""
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    block = np.asarray(array[..., r0:r1, c0:c1])
+    return block[..., (rows - r0)[:, None], (cols - c0)[None, :]]
+
+
+class _LazyStores:
+    """Zarr arrays opened on first use in each process (DataLoader workers fork or spawn)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self._pid: int | None = None
+        self._stores: list[SlideStore] = []
+
+    def __getstate__(self) -> dict:
+        return {"paths": self.paths, "_pid": None, "_stores": []}
+
+    def __getitem__(self, index: int) -> SlideStore:
+        if self._pid != os.getpid():
+            self._stores = [SlideStore(path) for path in self.paths]
+            self._pid = os.getpid()
+        return self._stores[index]
+
+
+class TileDataset(Dataset):
+    """Reads the input tile, target and weight around one output origin (mirrored at edges).
+
+    Indexed by `TileSampler` positions, so it has no length of its own.
+    """
+
+    def __init__(self, paths: list[Path], tile: TileShape, with_weight: bool) -> None:
+        self.stores = _LazyStores(paths)
+        self.tile = tile
+        self.with_weight = with_weight
+
+    def __getitem__(self, position: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        s, y, x = position
+        store = self.stores[s]
+        image = store.image(0)
+        height, width = image.shape[1:]
+        m, t = self.tile.margin, self.tile.input
+        rows = reflect_indices(y - m, y - m + t, height)
+        cols = reflect_indices(x - m, x - m + t, width)
+        item = {
+            "image": torch.from_numpy(read_mirrored(image, rows, cols)),
+            "target": torch.from_numpy(read_mirrored(store.target, rows, cols)),
+        }
+        if self.with_weight:
+            weight = read_mirrored(store.weight, rows, cols).astype(np.float32, copy=False)
+            item["weight"] = torch.from_numpy(weight)
+        return item
+
+
+@dataclass(frozen=True)
+class Region:
+    """A validation window of one store, level-0 px."""
+
+    store: Path
+    y: int
+    x: int
+    height: int
+    width: int
+
+
+def resolve_regions(config: TrainConfig) -> list[Region]:
+    """Whole held-out stores plus explicit regions, clipped to their slides."""
+    regions = []
+    wanted = [(path, 0, 0, None, None) for path in config.val_stores]
+    wanted += [(r.store, r.y, r.x, r.height, r.width) for r in config.val_regions]
+    for path, y, x, h, w in wanted:
+        store = SlideStore.open(path)
+        if store.target is None:
+            raise TrainingDataError(f"{path}: no training/target to validate against")
+        height, width = store.shape[1:]
+        if y >= height or x >= width:
+            raise TrainingDataError(f"{path}: region origin ({y}, {x}) outside {height}x{width}")
+        h = min(h or height - y, height - y)
+        w = min(w or width - x, width - x)
+        regions.append(Region(Path(path), y, x, h, w))
+    return regions
+
+
+class RegionDataset(Dataset):
+    """One item per validation region: its mirror-padded image for `plan_tiles` and its target.
+
+    The padded image reads real slide context around the region and mirrors only at the slide's
+    own edges. `counts` is 0 for the copies that pad a rank's share to equal length under DDP.
+    """
+
+    def __init__(
+        self, regions: list[Region], counts: list[int], geometry: UNetGeometry, tile_size: int
+    ) -> None:
+        self.regions = regions
+        self.counts = counts
+        self.geometry = geometry
+        self.tile_size = tile_size
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def plan(self, region: Region) -> TilePlan:
+        return plan_tiles((region.height, region.width), self.geometry, self.tile_size)
+
+    def __getitem__(self, index: int) -> dict:
+        region = self.regions[index]
+        store = SlideStore(region.store)
+        image = store.image(0)
+        height, width = image.shape[1:]
+        plan = self.plan(region)
+        ph, pw = plan.padded_shape
+        m = plan.margin
+        rows = reflect_indices(region.y - m, region.y - m + ph, height)
+        cols = reflect_indices(region.x - m, region.x - m + pw, width)
+        ys, xs = slice(region.y, region.y + region.height), slice(region.x, region.x + region.width)
+        return {
+            "index": index,
+            "count": self.counts[index],
+            # The plan itself is a frozen dataclass, which Lightning's batch transfer rejects;
+            # the module re-plans from the region's shape and this tile size.
+            "tile_size": self.tile_size,
+            "padded": torch.from_numpy(read_mirrored(image, rows, cols)),
+            "target": np.asarray(store.target[ys, xs]),
+        }
+
+
+def shard_regions(
+    regions: list[Region], rank: int, world_size: int
+) -> tuple[list[Region], list[int]]:
+    """Rank `rank`'s regions (round robin), padded with zero-count repeats to equal length."""
+    per_rank = -(-len(regions) // world_size)
+    mine = regions[rank::world_size]
+    counts = [1] * len(mine)
+    while len(mine) < per_rank:
+        mine.append(regions[0])
+        counts.append(0)
+    return mine, counts
+
+
+def first_item(batch: list[dict]) -> dict:
+    """Collate for batch_size=1 region loaders: the item itself (plans are not tensors)."""
+    return batch[0]
+
+
+class SlideTileDataModule(pl.LightningDataModule):
+    """Random training tiles from `config.stores`, whole-region validation from val stores."""
+
+    def __init__(self, config: TrainConfig, geometry: UNetGeometry, tile: TileShape) -> None:
+        super().__init__()
+        self.config = config
+        self.geometry = geometry
+        self.tile = tile
+        self.with_weight = config.loss != "ce"
+        self.stores = [open_training_store(Path(p), self.with_weight) for p in config.stores]
+        channels = {s.channels for s in self.stores}
+        if len(channels) != 1:
+            raise TrainingDataError(f"training stores disagree on channels: {sorted(channels)}")
+        self.channels = channels.pop()
+        self.regions = resolve_regions(config)
+
+    def sampler(self, rank: int) -> TileSampler:
+        return TileSampler(
+            self.stores,
+            self.tile,
+            length=self.config.steps_per_epoch * self.config.batch_size,
+            seed=self.config.seed,
+            rank=rank,
+            background_weight=self.config.background_weight,
+        )
+
+    def dataset(self) -> TileDataset:
+        return TileDataset([s.path for s in self.stores], self.tile, self.with_weight)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        rank, _ = self._rank_world()
+        workers = self.config.num_workers
+        return DataLoader(
+            self.dataset(),
+            batch_size=self.config.batch_size,
+            sampler=self.sampler(rank),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        regions, counts = shard_regions(self.regions, rank, world)
+        tile_size = self.config.val_tile_size or self.tile.input
+        dataset = RegionDataset(regions, counts, self.geometry, tile_size)
+        return DataLoader(dataset, batch_size=1, collate_fn=first_item)

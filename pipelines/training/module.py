@@ -1,0 +1,202 @@
+"""The LightningModule: a U-Net, its loss, device-side augmentation and whole-region validation.
+
+Batches arrive as uint8 tiles (a quarter of the bytes of float32 to copy to the device); the
+module scales them to [0, 1], augments them on the device (segcore.augment, one field for
+image, target and weight), crops target and weight to the network's valid output, normalises
+the image and computes the loss. Validation predicts whole regions with the overlap-tile
+engine (segcore.tiling), so its scores are those inference will reach, not those of patches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from pipelines.training.config import Normalization
+from pipelines.training.normalization import InputNormalizer, RawInputUNet, fold_normalization
+from segcore.augment import AugmentConfig, augment_batch
+from segcore.losses import combined_loss, weighted_cross_entropy
+from segcore.metrics import segmentation_scores
+from segcore.model import UNet
+from segcore.tiling import plan_tiles, predict_padded
+
+#: Validation metrics, in the order they are summed across ranks.
+VAL_METRICS = ("iou", "dice", "pixel_error", "rand_error")
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central size x size window of the last two axes."""
+    dy = (x.shape[-2] - size) // 2
+    dx = (x.shape[-1] - size) // 2
+    return x[..., dy : dy + size, dx : dx + size]
+
+
+def augment_seed(seed: int, step: int, rank: int) -> int:
+    """A distinct generator seed per (run seed, global step, rank); resumed runs repeat it."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+@dataclass
+class OverlaySample:
+    """The first validation region's image, target and prediction, for the per-epoch PNG."""
+
+    image: np.ndarray
+    target: np.ndarray
+    prediction: np.ndarray
+
+
+class UNetModule(pl.LightningModule):
+    """Trains `segcore.model.UNet`; hyper-parameters are plain values (checkpoints load with
+    weights_only=True, and `segcore.checkpoint.load_unet` finds `unet_config` in them)."""
+
+    def __init__(
+        self,
+        unet_config: dict,
+        normalization: dict,
+        tile_output: int,
+        loss: str = "weighted_ce",
+        dice_weight: float = 1.0,
+        optimizer: dict | None = None,
+        augment: dict | None = None,
+        seed: int = 0,
+        val_batch_size: int = 4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.model = UNet.from_config(unet_config)
+        self.normalization = Normalization(**normalization)
+        self.normalizer = InputNormalizer(self.normalization)
+        self.augment = AugmentConfig(**augment) if augment is not None else None
+        self.optimizer_config = optimizer or {"name": "sgd", "lr": 0.01, "momentum": 0.99}
+        self._generator: torch.Generator | None = None
+        self._val_sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
+        self._val_counts = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
+        self.overlay: OverlaySample | None = None
+
+    def forward(self, image01: Tensor) -> Tensor:
+        """Logits for images on the [0, 1] scale."""
+        return self.model(self.normalizer(image01))
+
+    def _augment(
+        self, image: Tensor, target: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self._generator is None or self._generator.device != image.device:
+            self._generator = torch.Generator(device=image.device)
+        self._generator.manual_seed(
+            augment_seed(self.hparams.seed, self.global_step, self.global_rank)
+        )
+        return augment_batch(image, target, weight, self.augment, self._generator)
+
+    def compute_loss(self, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        name = self.hparams.loss
+        if name == "ce":
+            return weighted_cross_entropy(logits, target, None)
+        if name == "weighted_ce":
+            return weighted_cross_entropy(logits, target, weight)
+        return combined_loss(logits, target, weight, dice_weight=self.hparams.dice_weight)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        image = batch["image"].float() / 255.0
+        target = batch["target"].long()
+        weight = batch.get("weight")
+        if self.augment is not None:
+            image, target, weight = self._augment(image, target, weight)
+        out = self.hparams.tile_output
+        target = center_crop(target, out)
+        weight = center_crop(weight, out) if weight is not None else None
+        logits = self(image)
+        if logits.shape[-1] != out:  # same-padded nets return the whole tile
+            logits = center_crop(logits, out)
+        loss = self.compute_loss(logits, target, weight)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    # --- validation on whole regions ----------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums.zero_()
+        self._val_counts.zero_()
+        self.overlay = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        precision = "bfloat16" if str(self.trainer.precision).startswith("bf16") else "float32"
+        target = batch["target"]
+        plan = plan_tiles(target.shape, self.model.geometry, batch["tile_size"])
+        net = RawInputUNet(self.model, self.normalizer)
+        logits = predict_padded(
+            net, batch["padded"], plan, self.hparams.val_batch_size, self.device, precision
+        )
+        prediction = logits.argmax(0).numpy().astype(np.uint8)
+        if batch["count"]:
+            scores = segmentation_scores(target, prediction)
+            for i, name in enumerate(VAL_METRICS):
+                if math.isfinite(scores[name]):
+                    self._val_sums[i] += scores[name]
+                    self._val_counts[i] += 1
+        if batch["index"] == 0 and self.global_rank == 0:
+            m, (h, w) = plan.margin, target.shape
+            image = batch["padded"][:, m : m + h, m : m + w].cpu().numpy()
+            self.overlay = OverlaySample(image, target, prediction)
+
+    def on_validation_epoch_end(self) -> None:
+        totals = torch.cat([self._val_sums, self._val_counts]).to(self.device)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum").double().cpu()
+        sums, counts = totals[: len(VAL_METRICS)], totals[len(VAL_METRICS) :]
+        # Every rank logs the same reduced values, so checkpoint decisions agree across ranks.
+        metrics = {
+            f"val_{name}": float(sums[i] / counts[i]) if counts[i] else float("nan")
+            for i, name in enumerate(VAL_METRICS)
+        }
+        # Already reduced: the mean over ranks of equal values only silences Lightning's warning.
+        self.log_dict(metrics, sync_dist=True)
+
+    # --- optimisation ----------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        cfg = self.optimizer_config
+        params = self.model.parameters()
+        if cfg["name"] == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        else:
+            optimizer = torch.optim.SGD(
+                params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+            )
+        schedule = cfg.get("schedule", "none")
+        if schedule == "none":
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        if schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        else:
+            # cycle_momentum=False keeps the configured momentum (0.99 by default).
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=cfg["lr"], total_steps=total, cycle_momentum=False
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def exported_unet(self) -> UNet:
+        """An eval-mode CPU copy of the U-Net that takes raw 0..255 pixel values."""
+        return fold_normalization(self.model, self.normalization).eval()
+
+
+class ValidateAtEnd(Callback):
+    """Validate after the last step too when `max_steps` ends training mid-epoch.
+
+    Lightning validates at epoch ends only, unless training is asked to stop: raising
+    `should_stop` at the last step makes it validate (and checkpoint the best) before stopping.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
