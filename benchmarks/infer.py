@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--gpu", action="store_true", help="paper U-Net, bf16, 2236 px tiles")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved; best is kept")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--workdir", default="/tmp/segflow-bench-infer")
@@ -184,33 +185,34 @@ def main() -> None:
         f"{plan.tile_size[0]} -> {plan.output_size[0]}, {len(plan)} tiles, batch {args.batch}, "
         f"{torch.get_num_threads()} threads, device {device}"
     )
-    config = bench_config(args, workdir / "out")
-    tiles = (model, len(plan), plan.tile_size[0], args.batch, device, args.gpu)
-    # Interleaved repeats, best of each: the machine is shared and other jobs come and go. CPU
-    # seconds of this process (the default cluster runs in it) are printed too: other people's
-    # load inflates wall time but hardly the CPU time each side needs.
-    alone, end_to_end, alone_cpu, e2e_cpu = (float("inf"),) * 4
-    for _ in range(args.repeats):
-        seconds, cpu = forward_only(*tiles)
-        alone, alone_cpu = min(alone, seconds), min(alone_cpu, cpu)
-        seconds, cpu = timed(lambda: infer_slide(store, model_file, config))
-        end_to_end, e2e_cpu = min(end_to_end, seconds), min(e2e_cpu, cpu)
-    print(
-        f"model forward passes alone: {alone:.1f} s = {mpx / alone:.2f} Mpx/s "
-        f"({alone_cpu:.0f} CPU s)"
-    )
-    print(
-        f"segflow end to end:         {end_to_end:.1f} s = {mpx / end_to_end:.2f} Mpx/s "
-        f"({e2e_cpu:.0f} CPU s; cluster start, blocks, instances, pyramids)"
-    )
-    print(f"throughput ratio:           {alone / end_to_end:.3f} (target >= 0.85)")
-    print(f"CPU-time ratio:             {alone_cpu / e2e_cpu:.3f}")
+    if not args.skip_throughput:
+        config = bench_config(args, workdir / "out")
+        tiles = (model, len(plan), plan.tile_size[0], args.batch, device, args.gpu)
+        # Interleaved repeats, best of each: the machine is shared and other jobs come and go. CPU
+        # seconds of this process (the default cluster runs in it) are printed too: other people's
+        # load inflates wall time but hardly the CPU time each side needs.
+        alone, end_to_end, alone_cpu, e2e_cpu = (float("inf"),) * 4
+        for _ in range(args.repeats):
+            seconds, cpu = forward_only(*tiles)
+            alone, alone_cpu = min(alone, seconds), min(alone_cpu, cpu)
+            seconds, cpu = timed(lambda: infer_slide(store, model_file, config))
+            end_to_end, e2e_cpu = min(end_to_end, seconds), min(e2e_cpu, cpu)
+        print(
+            f"model forward passes alone: {alone:.1f} s = {mpx / alone:.2f} Mpx/s "
+            f"({alone_cpu:.0f} CPU s)"
+        )
+        print(
+            f"segflow end to end:         {end_to_end:.1f} s = {mpx / end_to_end:.2f} Mpx/s "
+            f"({e2e_cpu:.0f} CPU s; cluster start, blocks, instances, pyramids)"
+        )
+        print(f"throughput ratio:           {alone / end_to_end:.3f} (target >= 0.85)")
+        print(f"CPU-time ratio:             {alone_cpu / e2e_cpu:.3f}")
 
-    if not args.skip_monai and not args.gpu:
-        same = UNet(3, 2, base_channels=args.base, depth=args.depth, padding="same").eval()
-        monai_s = monai_seconds(same, store, args.batch)
-        print(f"MONAI sliding window:       {monai_s:.1f} s = {mpx / monai_s:.2f} Mpx/s")
-        print(f"segflow / MONAI time:       {end_to_end / monai_s:.3f} (target < 1)")
+        if not args.skip_monai and not args.gpu:
+            same = UNet(3, 2, base_channels=args.base, depth=args.depth, padding="same").eval()
+            monai_s = monai_seconds(same, store, args.batch)
+            print(f"MONAI sliding window:       {monai_s:.1f} s = {mpx / monai_s:.2f} Mpx/s")
+            print(f"segflow / MONAI time:       {end_to_end / monai_s:.3f} (target < 1)")
 
     if not args.skip_memory:
         peaks = {}

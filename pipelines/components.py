@@ -73,10 +73,24 @@ def _label_borders(src: zarr.Array, region: Region, connectivity: int) -> tuple[
 
 
 def _relabel(
-    src: zarr.Array, dst: zarr.Array, region: Region, connectivity: int, lut: np.ndarray
+    src: zarr.Array,
+    dst: zarr.Array,
+    region: Region,
+    connectivity: int,
+    base: int,
+    joined: np.ndarray,
+    targets: np.ndarray,
 ) -> None:
-    """Pass 3 task: write global ids for one chunk; lut[local id] = global id, lut[0] = 0."""
-    labels, _ = _label_region(src, region, connectivity)
+    """Pass 3 task: write global ids for one chunk.
+
+    Local id l becomes base + l - 1 minus the joined local ids below l; a joined local id
+    (one whose component started in an earlier chunk) becomes that component's id `targets`.
+    """
+    labels, n = _label_region(src, region, connectivity)
+    lut = np.arange(n + 1, dtype=np.int64) + (base - 1)
+    lut[1:] -= np.searchsorted(joined, np.arange(1, n + 1))
+    lut[joined] = targets
+    lut[0] = 0
     dst[region] = lut[labels].astype(dst.dtype, copy=False)
 
 
@@ -179,6 +193,33 @@ def _n_neighbours(index: ChunkIndex, grid_shape: tuple[int, int], connectivity: 
     return sum(0 <= i + di < grid_shape[0] and 0 <= j + dj < grid_shape[1] for di, dj in offsets)
 
 
+def _merge(
+    edges: list[tuple[ChunkIndex, ChunkIndex, np.ndarray]], offsets: dict[ChunkIndex, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keys (chunk offset + local id - 1) of the components that join one with a smaller key
+    across chunk faces, sorted, and the smallest key of the component each one joins.
+
+    Only components on chunk borders enter the graph, so memory follows the total border
+    length (4 x area / chunk side), not the number of components, however noisy the map.
+    """
+    empty = np.zeros(0, dtype=np.int64)
+    if not edges:
+        return empty, empty
+    a = np.concatenate([offsets[x] + p[:, 0].astype(np.int64) - 1 for x, _, p in edges])
+    b = np.concatenate([offsets[y] + p[:, 1].astype(np.int64) - 1 for _, y, p in edges])
+    nodes, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+    graph = coo_matrix(
+        (np.ones(len(a), dtype=np.int8), (index[: len(a)], index[len(a) :])),
+        shape=(len(nodes), len(nodes)),
+    )
+    n, component = connected_components(graph, directed=False)
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, component, nodes)
+    representative = first[component]
+    joins = nodes != representative
+    return nodes[joins], representative[joins]
+
+
 def label_foreground(
     src: zarr.Array,
     dst: zarr.Array,
@@ -226,37 +267,26 @@ def label_foreground(
         if _n_neighbours(index, grid_shape, connectivity) == 0:
             del borders[index]
 
-    # Pass 2: node k = local component in raster order of chunks; merge touching ones.
+    # Pass 2: merge only the components that touch a chunk face; the others keep their place.
     offsets, total = {}, 0
     for index in regions:  # raster order
         offsets[index] = total
         total += counts[index]
-    if total == 0:
-        lut_global = np.zeros(0, dtype=np.int64)
-        n_components = 0
-    else:
-        rows = [offsets[a] + p[:, 0] - 1 for a, _, p in edges]
-        cols = [offsets[b] + p[:, 1] - 1 for _, b, p in edges]
-        r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-        graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(total, total))
-        n_components, component = connected_components(graph, directed=False)
-        # Renumber by first node so ids follow raster order whatever order scipy assigns.
-        first = np.full(n_components, total, dtype=np.int64)
-        np.minimum.at(first, component, np.arange(total))
-        rank = np.empty(n_components, dtype=np.int64)
-        rank[np.argsort(first)] = np.arange(1, n_components + 1)
-        lut_global = rank[component]
+    joined, joined_to = _merge(edges, offsets)
+    n_components = total - len(joined)
     if n_components > np.iinfo(dst.dtype).max:
         raise ComponentsError(f"{dst.store_path}: {n_components} components overflow {dst.dtype}")
 
-    # Pass 3: every chunk gets its slice of the lookup table (local id -> global id).
-    def lut(index: ChunkIndex) -> np.ndarray:
+    # Pass 3: each chunk gets what it needs to build its own lookup table, O(its border).
+    def relabel_args(index: ChunkIndex) -> tuple:
         start = offsets[index]
-        return np.concatenate([[0], lut_global[start : start + counts[index]]]).astype(dst.dtype)
+        lo, hi = np.searchsorted(joined, [start, start + counts[index]])
+        targets = joined_to[lo:hi] + 1 - np.searchsorted(joined, joined_to[lo:hi])
+        return start + 1 - lo, joined[lo:hi] - start + 1, targets
 
     jobs = (
-        (index, (src, dst, region, connectivity, lut(index))) for index, region in regions.items()
+        (index, (src, dst, region, connectivity, *relabel_args(index)))
+        for index, region in regions.items()
     )
     for _ in map_bounded(client, _relabel, jobs, max_in_flight):
         pass
