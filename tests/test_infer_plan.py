@@ -61,7 +61,7 @@ def test_sliver_at_the_slide_end_joins_the_block_before():
     assert plan.chunk_side == 1920
 
 
-@pytest.mark.parametrize("shape", [(300, 410), (61, 45), (257, 129), (30, 400)])
+@pytest.mark.parametrize("shape", [(190, 230), (61, 45), (157, 129), (30, 300)])
 def test_blocks_reproduce_predict_tiled_bitwise(shape):
     """Blocks computed alone and pasted together equal the whole-slide prediction exactly."""
     torch.manual_seed(0)
