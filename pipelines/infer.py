@@ -331,12 +331,19 @@ def _infer_all(
         run_progress(config.progress, len(stores)) as progress,
     ):
         for store in stores:
+            start = time.perf_counter()
             try:
                 results.append(_segment(store, session, config, progress))
             except Exception as exc:  # one bad slide must not end an archive run
                 results.append(
-                    InferResult(store=Path(store), status="failed", error=_one_line(store, exc))
+                    InferResult(
+                        store=Path(store),
+                        status="failed",
+                        error=_one_line(store, exc),
+                        seconds=time.perf_counter() - start,
+                    )
                 )
+            progress.archive_advance()
     return results
 
 

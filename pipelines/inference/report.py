@@ -51,11 +51,13 @@ class RunProgress:
             self._progress.advance(task, steps)
 
     def slide_done(self, task: TaskID | None) -> None:
-        if self._progress is None:
-            return
-        if task is not None:
+        """Hide a finished slide's bar."""
+        if self._progress is not None and task is not None:
             self._progress.update(task, visible=False)
-        if self._archive is not None:
+
+    def archive_advance(self) -> None:
+        """One more slide handled, whatever its outcome."""
+        if self._progress is not None and self._archive is not None:
             self._progress.advance(self._archive)
 
 
@@ -90,10 +92,14 @@ def summary_table(results: Sequence[SlideSummary]) -> Table:
         classes = (
             " / ".join(f"{100 * f:.1f}" for f in r.class_fractions) if r.class_fractions else "-"
         )
-        status = r.status if r.error is None else f"{r.status}: {r.error}"
-        table.add_row(r.name, status, size, tissue, f"{r.seconds:.1f}", speed, classes)
+        table.add_row(r.name, r.status, size, tissue, f"{r.seconds:.1f}", speed, classes)
     return table
 
 
 def print_summary(results: Sequence[SlideSummary], console: Console | None = None) -> None:
-    (console or Console()).print(summary_table(results))
+    """The table, then one line per slide that failed or was skipped, saying why."""
+    console = console or Console()
+    console.print(summary_table(results))
+    for r in results:
+        if r.error is not None:
+            console.print(f"{r.name} {r.status}: {r.error}", markup=False, highlight=False)
