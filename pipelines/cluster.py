@@ -36,7 +36,7 @@ def dask_client(config: ClusterConfig | None = None) -> Iterator[Client]:
             threads_per_worker=config.threads_per_worker,
             processes=config.processes,
             memory_limit=config.memory_limit,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: many clusters may run side by side
         ) as cluster,
         Client(cluster) as client,
     ):
