@@ -29,6 +29,7 @@ from pipelines.inference.blocks import BlockJob, run_block
 from pipelines.inference.journal import Journal, run_key, run_lock
 from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host
 from pipelines.inference.outputs import (
+    WorkGroup,
     built_instances,
     class_fractions,
     create_work_group,
@@ -173,6 +174,7 @@ def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
 
 
 def _tissue_fraction(slide: SlideStore) -> float:
+    """Share of the slide covered by its tissue mask (streamed chunk by chunk)."""
     mask = slide.tissue
     if mask is None:
         return 1.0
@@ -180,8 +182,14 @@ def _tissue_fraction(slide: SlideStore) -> float:
 
 
 def _jobs(
-    slide: SlideStore, plan: SlidePlan, journal: Journal, work, session: _Session, config
+    slide: SlideStore,
+    plan: SlidePlan,
+    journal: Journal,
+    work: WorkGroup,
+    session: _Session,
+    config: InferConfig,
 ) -> Iterator[tuple[str, tuple[BlockJob]]]:
+    """One job per block not yet done, in raster order."""
     done = journal.done()
     tissue = slide.path / slide.tissue.path if slide.tissue is not None else None
     for block in plan.blocks:
@@ -305,7 +313,9 @@ def _segment(
     return result
 
 
-def _run_blocks(session: _Session, jobs, store: Path) -> Iterator[tuple[str, dict]]:
+def _run_blocks(
+    session: _Session, jobs: Iterator[tuple[str, tuple[BlockJob]]], store: Path
+) -> Iterator[tuple[str, dict]]:
     """Run block jobs on the cluster; a failure names the slide and the block."""
     results = map_bounded(session.client, run_block, jobs, session.max_in_flight)
     while True:
@@ -314,7 +324,7 @@ def _run_blocks(session: _Session, jobs, store: Path) -> Iterator[tuple[str, dic
         except StopIteration:
             return
         except Exception as exc:
-            raise InferError(f"{store}: {type(exc).__name__}: {exc}") from exc
+            raise InferError(f"{store}: {exc}") from exc
 
 
 def _one_line(store: Path, exc: Exception) -> str:

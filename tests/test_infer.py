@@ -282,3 +282,22 @@ def test_probabilities_match_the_class_map(tmp_path, model, model_file, client):
     # A later run without probabilities removes the ones that belonged to the replaced result.
     infer_slide(store, model_file, config(batch_size=2, overwrite=True), client)
     assert not (store / "probabilities").exists()
+
+
+def test_unreadable_chunk_fails_naming_the_block_and_resumes(tmp_path, model, model_file, client):
+    image = smooth_image((300, 300), seed=11)
+    store = make_store(tmp_path / "s.zarr", image)
+    chunk = store / "0" / "c" / "0" / "2" / "2"  # image rows and columns 256..300
+    original = chunk.read_bytes()
+    chunk.write_bytes(b"not a compressed chunk")
+    with pytest.raises(InferError) as failure:
+        infer_slide(store, model_file, config(block_size=104), client)
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith(str(store)) and "block 2.2" in message
+    assert SlideStore.open(store).segmentation is None  # nothing half-written in the store
+    chunk.write_bytes(original)
+    result = infer_slide(store, model_file, config(block_size=104), client)
+    assert result.blocks["resumed"] > 0
+    np.testing.assert_array_equal(
+        SlideStore.open(store).segmentation[...], reference_classes(model, image)
+    )

@@ -72,8 +72,23 @@ def _probabilities(logits: torch.Tensor, fmt: ProbabilityFormat) -> np.ndarray:
     return p.to(torch.float16).cpu().numpy()
 
 
+class BlockError(RuntimeError):
+    """A block failed; the message names the block and its region."""
+
+
 def run_block(job: BlockJob) -> dict:
     """Compute and write one block, then its done-marker; returns the marker's contents."""
+    try:
+        return _run_block(job)
+    except Exception as exc:
+        b = job.block
+        raise BlockError(
+            f"block {b.name} (rows {b.y0}:{b.y1}, columns {b.x0}:{b.x1}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _run_block(job: BlockJob) -> dict:
     start = time.perf_counter()
     runner: ModelPlugin = get_worker().plugins[job.plugin]
     n_classes = runner.unet.config.n_classes
