@@ -132,7 +132,7 @@ class UNetModule(pl.LightningModule):
         logits = predict_padded(
             net, batch["padded"], plan, self.hparams.val_batch_size, self.device, precision
         )
-        prediction = logits.argmax(0).numpy().astype(np.uint8)
+        prediction = logits.argmax(0).cpu().numpy().astype(np.uint8)
         if batch["count"]:
             scores = segmentation_scores(target, prediction)
             for i, name in enumerate(VAL_METRICS):
