@@ -11,6 +11,7 @@ and the instances and move the finished labels into the store (pipelines.inferen
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -126,14 +127,8 @@ def _session(
     with ExitStack() as stack:
         if client is None:
             client = stack.enter_context(dask_client(config.cluster))
-        name = "segflow-infer-" + run_key(
-            {
-                "model": source.digest,
-                "device": config.device,
-                "cl": config.channels_last,
-                "compile": config.compile,
-            }
-        )
+        # Unique per call: calls sharing a cluster never unregister each other's model.
+        name = f"segflow-infer-{source.digest[:12]}-{uuid.uuid4().hex[:8]}"
         plugin = ModelPlugin(
             source, config.device, config.channels_last, config.compile, workers_per_host(client)
         )

@@ -109,7 +109,16 @@ def finish(
     group = work.group
     shape = group[f"{LABELS_GROUP}/{SEGMENTATION}/0"].shape
     instances = ngff.create_label(
-        group, INSTANCES, shape, "uint32", n_levels, chunk_size, mpp=mpp, overwrite=True
+        group,
+        INSTANCES,
+        shape,
+        "uint32",
+        n_levels,
+        chunk_size,
+        # lz4 writes ids 2-4x faster than zstd, for a larger store only on noisy maps.
+        compression=ngff.Compression(codec="blosc-lz4"),
+        mpp=mpp,
+        overwrite=True,
     )
     n_instances = label_foreground(
         group[f"{LABELS_GROUP}/{SEGMENTATION}/0"], instances[0], client, connectivity, max_in_flight
