@@ -99,7 +99,13 @@ def test_worker_processes_deliver_the_same_batches(store):
     dataset = TileDataset([store], tile, with_weight=True)
 
     def batches(workers: int) -> list[dict]:
-        loader = DataLoader(dataset, batch_size=4, sampler=_sampler(store), num_workers=workers)
+        loader = DataLoader(
+            dataset,
+            batch_size=4,
+            sampler=_sampler(store),
+            num_workers=workers,
+            multiprocessing_context="forkserver" if workers else None,
+        )
         return list(loader)
 
     single, parallel = batches(0), batches(2)

@@ -381,6 +381,9 @@ class SlideTileDataModule(pl.LightningDataModule):
             sampler=self.sampler(rank),
             num_workers=workers,
             persistent_workers=workers > 0,
+            # Zarr 3 runs an asyncio thread and MLflow/Prefect leave threads too: forking such a
+            # process can kill workers at random; a fork server starts them clean.
+            multiprocessing_context="forkserver" if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
         )
