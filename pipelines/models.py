@@ -23,6 +23,7 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
+from mlflow.tracking import MlflowClient
 
 from pipelines.training.config import Normalization
 from pipelines.training.normalization import fold_normalization
@@ -36,11 +37,29 @@ class ModelLoadError(ValueError):
     """A model URI or file that does not hold a segflow U-Net."""
 
 
+def _artifact_uri(uri: str, client: MlflowClient) -> str:
+    """`models:/name@alias` or `models:/name/version` resolved against `client`'s registry.
+
+    MLflow's download_artifacts resolves `models:/` URIs with the process-wide default registry
+    and ignores its registry_uri argument, so a fresh process with an explicit tracking URI
+    would look in the wrong store: resolve the version here, with the given client.
+    """
+    if not uri.startswith("models:/"):
+        return uri
+    name, sep, alias = uri.removeprefix("models:/").partition("@")
+    if sep:
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = name.partition("/")
+    return client.get_model_version_download_uri(name, version)
+
+
 def _from_mlflow(uri: str, tracking_uri: str | None) -> UNet:
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                artifact_uri=_artifact_uri(uri, client), dst_path=tmp, tracking_uri=tracking_uri
             )
             graph = mlflow.pytorch.load_model(local)
             metadata = Model.load(local).metadata or {}

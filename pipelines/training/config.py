@@ -141,10 +141,14 @@ class TrainConfig(BaseModel):
 
     @property
     def artifact_location(self) -> str | None:
-        """Artifact root for a new experiment in the embedded store; a server picks its own."""
-        if self.tracking_uri:
-            return None
-        return (self.workdir.resolve() / "mlartifacts").as_uri()
+        """Artifact root for a new experiment in a local SQLite store (beside the database, not
+        in the working directory's ./mlruns); a tracking server picks its own."""
+        if not self.tracking_uri:
+            return (self.workdir.resolve() / "mlartifacts").as_uri()
+        if self.tracking_uri.startswith("sqlite:///"):
+            database = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()
+            return (database.parent / "mlartifacts").as_uri()
+        return None
 
     @property
     def checkpoint_root(self) -> Path:
