@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, as_completed
 from pydantic import BaseModel, Field
 
 
@@ -41,3 +42,35 @@ def dask_client(config: ClusterConfig | None = None) -> Iterator[Client]:
         Client(cluster) as client,
     ):
         yield client
+
+
+def map_bounded(
+    client: Client | None,
+    fn: Callable[..., Any],
+    jobs: Iterable[tuple[Any, tuple]],
+    max_in_flight: int,
+) -> Iterator[tuple[Any, Any]]:
+    """(key, fn(*args)) for every (key, args), in completion order: in-process without a client,
+    else as Dask tasks with at most `max_in_flight` submitted at once (memory and the scheduler's
+    task count stay bounded however many jobs there are, and results arrive as they finish)."""
+    if client is None:
+        for key, args in jobs:
+            yield key, fn(*args)
+        return
+    jobs = iter(jobs)
+    keys: dict[Any, Any] = {}
+    queue = as_completed()
+    for key, args in jobs:
+        future = client.submit(fn, *args, pure=False)
+        keys[future] = key
+        queue.add(future)
+        if queue.count() >= max_in_flight:
+            break
+    for future in queue:
+        yield keys.pop(future), future.result()
+        future.release()
+        for key, args in jobs:
+            nxt = client.submit(fn, *args, pure=False)
+            keys[nxt] = key
+            queue.add(nxt)
+            break

@@ -19,17 +19,19 @@ pair (column 2, column 3) joins chunk 0's id 1 with chunk 1's id 1: `[1 1 1 | 1 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import product
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from pipelines.cluster import map_bounded
 
 ChunkIndex = tuple[int, int]
 Region = tuple[slice, slice]
@@ -122,38 +124,6 @@ def chunk_regions(shape: tuple[int, ...], grid: tuple[int, ...]) -> dict[ChunkIn
 def write_grid(array: zarr.Array) -> tuple[int, ...]:
     """The smallest region writable without touching a neighbour's bytes: shard or chunk."""
     return tuple(array.shards or array.chunks)
-
-
-def map_bounded(
-    client: Client | None,
-    fn: Callable[..., Any],
-    jobs: Iterable[tuple[Any, tuple]],
-    max_in_flight: int,
-) -> Iterator[tuple[Any, Any]]:
-    """(key, fn(*args)) for every (key, args), in completion order: in-process without a client,
-    else as Dask tasks with at most `max_in_flight` submitted at once (memory and the scheduler's
-    task count stay bounded however many jobs there are, and results arrive as they finish)."""
-    if client is None:
-        for key, args in jobs:
-            yield key, fn(*args)
-        return
-    jobs = iter(jobs)
-    keys: dict[Any, Any] = {}
-    queue = as_completed()
-    for key, args in jobs:
-        future = client.submit(fn, *args, pure=False)
-        keys[future] = key
-        queue.add(future)
-        if queue.count() >= max_in_flight:
-            break
-    for future in queue:
-        yield keys.pop(future), future.result()
-        future.release()
-        for key, args in jobs:
-            nxt = client.submit(fn, *args, pure=False)
-            keys[nxt] = key
-            queue.add(nxt)
-            break
 
 
 def _neighbour_pairs(

@@ -24,8 +24,7 @@ import numpy as np
 from distributed import Client
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.components import map_bounded
+from pipelines.cluster import ClusterConfig, dask_client, map_bounded
 from pipelines.inference.blocks import BlockJob, run_block
 from pipelines.inference.journal import Journal, run_key, run_lock
 from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host

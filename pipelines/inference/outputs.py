@@ -20,7 +20,8 @@ from distributed import Client
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import add_metadata, get_metadata
 
-from pipelines.components import label_foreground, map_bounded
+from pipelines.cluster import map_bounded
+from pipelines.components import label_foreground
 from segcore import ngff
 from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION
 
