@@ -33,12 +33,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http(url: str, payload: dict | None = None) -> dict:
-    """GET (or POST `payload` as JSON) and decode the JSON answer."""
+def http(url: str, payload: dict | None = None, attempts: int = 5) -> dict:
+    """GET (or POST `payload` as JSON) and decode the JSON answer.
+
+    A 503 is retried with backoff, as Prefect's own client does: the server answers 503 when
+    its SQLite database is briefly locked by a concurrent writer (the serve process), and the
+    request was not applied.
+    """
     data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(attempts):
+        request = urllib.request.Request(
+            url, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
