@@ -28,7 +28,8 @@ import psutil
 import torch
 
 from pipelines.infer import InferConfig, infer_slide
-from pipelines.ingest import IngestConfig, SlideSource, ingest_slide
+from pipelines.ingest import IngestConfig, ingest_slide
+from pipelines.sources import SlideSource
 from segcore.checkpoint import save_unet
 from segcore.model import UNet
 from segcore.store import SlideStore

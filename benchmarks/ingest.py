@@ -24,7 +24,8 @@ from pathlib import Path
 import psutil
 
 from pipelines.cluster import ClusterConfig
-from pipelines.ingest import IngestConfig, SlideSource, ingest_archive
+from pipelines.ingest import IngestConfig, ingest_archive
+from pipelines.sources import SlideSource
 from segcore.synthetic import write_synthetic_slide
 
 BAR_BYTES = 1.5e9

@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image
 
 from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.ingest import IngestConfig, SlideSource, ingest_archive
+from pipelines.ingest import IngestConfig, ingest_archive
 from pipelines.models import load_model
+from pipelines.sources import SlideSource
 from pipelines.train import TrainConfig, train
 from pipelines.weightmaps import WeightsConfig, compute_weight_maps
 from segcore.metrics import segmentation_scores

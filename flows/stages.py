@@ -28,7 +28,9 @@ from flows.runtime import Runtime
 from flows.tasks import WEIGHT_ARRAY, infer_task, ingest_slide_task, train_task, weights_task
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.infer import InferConfig, InferResult
-from pipelines.ingest import IngestConfig, IngestResult, SlideSource
+from pipelines.ingest import IngestConfig, IngestResult
+from pipelines.redaction import redact_text
+from pipelines.sources import SlideSource, name_clashes
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.weightmaps import WeightsConfig, WeightsResult
 from segcore.store import LABELS_GROUP, SEGMENTATION
@@ -47,7 +49,7 @@ class Call:
 
 def one_line(error: BaseException) -> str:
     """A stage's own message for bad input (it names the file); type and message otherwise."""
-    text = " ".join(str(error).split())
+    text = redact_text(" ".join(str(error).split()))  # shown in tables, artifacts, logs
     if isinstance(error, ValueError) and text:
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -117,14 +119,21 @@ def run_ingest(
     def still_valid(result: IngestResult) -> bool:
         return store_identity(result.store)[1] == result.checksum
 
-    if not sources:
-        return []
-    with _client(runtime, config.cluster) as client:
-        calls = [
-            Call(s.name, {"source": s, "out_dir": out_dir, "config": config, "client": client})
-            for s in sources
-        ]
-        return run_tasks("ingest", ingest_slide_task, calls, still_valid, config.overwrite)
+    clashes = name_clashes(sources)
+    todo = [s for i, s in enumerate(sources) if i not in clashes]
+    failed = {
+        i: (StageOutcome("ingest", sources[i].name, "failed", detail=error), None)
+        for i, error in clashes.items()
+    }
+    ran = iter([])
+    if todo:
+        with _client(runtime, config.cluster) as client:
+            calls = [
+                Call(s.name, {"source": s, "out_dir": out_dir, "config": config, "client": client})
+                for s in todo
+            ]
+            ran = iter(run_tasks("ingest", ingest_slide_task, calls, still_valid, config.overwrite))
+    return [failed[i] if i in failed else next(ran) for i in range(len(sources))]
 
 
 def run_weights(

@@ -20,15 +20,8 @@ from scipy import ndimage
 
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.config import load_config
-from pipelines.ingest import (
-    IngestConfig,
-    IngestError,
-    SlideSource,
-    discover_sources,
-    expand_pages,
-    ingest_archive,
-    ingest_slide,
-)
+from pipelines.ingest import IngestConfig, ingest_archive, ingest_slide
+from pipelines.sources import IngestError, SlideSource, discover_sources, expand_pages
 from segcore import ngff
 from segcore.store import SlideStore
 
@@ -236,13 +229,16 @@ def test_failed_rerun_keeps_the_previous_store(tmp_path):
 
 def test_stale_temporary_store_is_removed(tmp_path):
     out = tmp_path / "out"
-    dead = out / ".0.zarr.tmp-999999999"  # no such process
+    dead = out / ".0.zarr.tmp-999999999-0badf00d"  # no such process
     dead.mkdir(parents=True)
     (dead / "junk").write_text("half-written")
-    alive = out / f".0.zarr.tmp-{os.getppid()}"  # another live run's work: left alone
+    alive = out / f".0.zarr.tmp-{os.getppid()}-00c0ffee"  # another live run's work: left alone
     alive.mkdir()
+    # Another thread of this very process (a flow ingests slides on threads): also left alone.
+    sibling = out / f".0.zarr.tmp-{os.getpid()}-0000beef"
+    sibling.mkdir()
     ingest_slide(SlideSource(image=data("isbi2012_em", "train", "image", "0.png")), out, SMALL)
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and sibling.exists()
     assert (out / "0.zarr").is_dir()
 
 
@@ -328,8 +324,9 @@ def test_one_bad_slide_does_not_stop_the_archive(tmp_path, client):
     assert results[1].error.startswith(f"{bad}: not a readable .svs slide")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["1.zarr", "2.zarr"]
     twice = ingest_archive(sources[:1] * 2, tmp_path / "out", SMALL, client=client)
-    assert [r.status for r in twice] == ["skipped", "failed"]
-    assert "store name 1.zarr is already used by" in twice[1].error
+    # Two sources of one store name: neither is written, each error names both sources.
+    assert [r.status for r in twice] == ["failed", "failed"]
+    assert all(f"store name 1.zarr is shared by {good[0]}, {good[0]}" in r.error for r in twice)
 
 
 def test_process_cluster_workers_open_their_own_readers(tmp_path):
