@@ -27,6 +27,7 @@ from flows.overlay import write_overlay
 from flows.pipeline import PipelineConfig, pipeline_flow
 from flows.runner import run_flow
 from flows.runtime import Runtime, prefect_api_url, prefect_database_url
+from pipelines.redaction import redact_uri
 from segcore.metrics import segmentation_scores
 from segcore.store import SlideStore
 from segcore.synthetic import write_synthetic_slide
@@ -152,7 +153,7 @@ def _report(console, runtime, summary, flow_run_id, overlays, scores, started) -
     console.print(f"  overlays (PNG):           {runtime.workdir / 'overlays'}")
     for path in overlays:
         console.print(f"    {path}")
-    console.print(f"  MLflow:                   {runtime.mlflow_uri}")
+    console.print(f"  MLflow:                   {redact_uri(runtime.mlflow_uri)}")
     console.print(f"  Prefect flow run:         {flow_run_id}")
     console.print()
     console.print("[bold]Look at it[/]")

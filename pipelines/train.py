@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from pipelines.config import ConfigError, load_config
+from pipelines.redaction import redact_text
 from pipelines.training.config import Normalization, TrainConfig
 from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
 from pipelines.training.module import UNetModule, ValidateAtEnd
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(config)
     except ValueError as exc:  # StoreError, TrainingDataError, TrainError, CheckpointError
-        print(f"train: {exc}", file=sys.stderr)
+        print(f"train: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     if result.rank == 0:
         print(result.model_dump_json())

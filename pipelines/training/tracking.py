@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from pipelines.config import dump_config
+from pipelines.redaction import redact_tree
 from pipelines.training.config import TrainConfig
 from pipelines.training.module import OverlaySample, UNetModule
 from segcore.store import SlideStore
@@ -104,21 +105,27 @@ def _dataset_input(record: dict) -> DatasetInput:
     return DatasetInput(entity, tags=[InputTag("mlflow.data.context", record["context"])])
 
 
+def loggable_config(config: TrainConfig) -> TrainConfig:
+    """`config` as MLflow records it (params and config.yaml): credentials in URIs masked."""
+    return config.model_validate(redact_tree(config.model_dump(mode="json")))
+
+
 def log_run_start(
     client: MlflowClient, run_id: str, config: TrainConfig, extra_params: dict, resumed: bool
 ) -> None:
     """Config (params + config.yaml), dataset and system info; params only on a fresh run
     (MLflow refuses to change a param, and a resumed run keeps the ones it started with)."""
+    logged = loggable_config(config)
     with tempfile.TemporaryDirectory() as tmp:
         name = "config-resume.yaml" if resumed else "config.yaml"
-        dump_config(config, Path(tmp) / name)
-        records = dataset_records(config)
+        dump_config(logged, Path(tmp) / name)
+        records = redact_tree(dataset_records(config))  # a source may be a signed URL
         (Path(tmp) / "dataset.json").write_text(json.dumps(records, indent=2))
         info = system_info()
         (Path(tmp) / "system.json").write_text(json.dumps(info, indent=2))
         client.log_artifacts(run_id, tmp)
     if not resumed:
-        params = {**flatten_params(config.model_dump(mode="json")), **flatten_params(extra_params)}
+        params = {**flatten_params(logged.model_dump(mode="json")), **flatten_params(extra_params)}
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             client.log_batch(run_id, params=items[i : i + 100])
