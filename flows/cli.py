@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flows.configs import UsageError, existing, load
+from pipelines.redaction import redact_text, redact_uri
 
 EXIT_FAILED_SLIDES = 1
 EXIT_BAD_INPUT = 2
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return redact_text(" ".join(str(exc).split())) or type(exc).__name__
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -280,7 +281,7 @@ def _run(args, runtime, flow, **parameters) -> int:
 
     outcome = run_flow(flow, runtime, verbose=args.verbose, **parameters)
     Console().print(summary_table(outcome.summary))
-    print(f"stores: {runtime.stores_dir}\nMLflow: {runtime.mlflow_uri}")
+    print(f"stores: {runtime.stores_dir}\nMLflow: {redact_uri(runtime.mlflow_uri)}")
     print(f"Prefect flow run: {outcome.flow_run_id}")
     for failure in outcome.summary.failures:
         print(f"segflow: error: {failure.detail or failure.slide}", file=sys.stderr)

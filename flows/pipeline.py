@@ -30,6 +30,7 @@ from flows.runtime import Runtime
 from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
 from pipelines.infer import InferConfig, discover_stores
 from pipelines.ingest import IngestConfig, SlideSource, discover_sources
+from pipelines.redaction import redact_text, redact_uri
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.weightmaps import WeightsConfig
 from segcore.store import SlideStore
@@ -145,12 +146,13 @@ def _infer_stage(
     try:
         pinned = pin_model(model_uri, runtime.mlflow_uri)
     except ValueError as exc:  # no such model or alias: every slide fails with that reason
+        detail = redact_text(str(exc))
         summary.outcomes += [
-            StageOutcome("infer", s.name.removesuffix(".zarr"), "failed", detail=str(exc))
+            StageOutcome("infer", s.name.removesuffix(".zarr"), "failed", detail=detail)
             for s in stores
         ]
         return
-    summary.segmented_with = pinned
+    summary.segmented_with = redact_uri(pinned)  # shown, not used
     summary.outcomes += [o for o, _ in run_infer(stores, pinned, config, runtime)]
 
 
