@@ -41,6 +41,7 @@ from pipelines.inference.outputs import (
 from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.inference.report import RunProgress, print_summary, run_progress
 from pipelines.inference.source import resolve_model
+from pipelines.training.data import INPUT_DTYPE
 from segcore.geometry import UNetGeometry
 from segcore.store import SlideStore
 
@@ -213,8 +214,18 @@ def _segment(
     """Segment one slide, resuming its journal; raises on any problem."""
     start, started_at = time.perf_counter(), datetime.now(UTC).isoformat()
     slide = SlideStore.open(store)
-    channels, height, width = slide.shape
+    # Every chunk the blocks will read is on disk (a missing one would read as zeros).
+    image = slide.verified(slide.image(0))
+    if slide.tissue is not None:
+        slide.verified(slide.tissue)
+    channels, height, width = image.shape
     model = session.source
+    if image.dtype != INPUT_DTYPE:
+        low, high = slide.metadata.get("value_range") or ("?", "?")
+        raise InferError(
+            f"{slide.path}: image is {image.dtype} (values {low}..{high}) but model {model.uri} "
+            f"takes {INPUT_DTYPE} pixels (0..255); segflow does not rescale it silently"
+        )
     if model.config["in_channels"] != channels:
         raise InferError(
             f"{slide.path}: model {model.uri} expects {model.config['in_channels']} channels, "

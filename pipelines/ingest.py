@@ -31,7 +31,7 @@ import dask
 import numpy as np
 import psutil
 import zarr
-from distributed import Client
+from distributed import Client, wait
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.cluster import ClusterConfig, dask_client
@@ -44,7 +44,7 @@ from segcore.readers import (
     open_slide,
     page_count,
 )
-from segcore.store import ANNOTATIONS, METADATA_KEY, TISSUE
+from segcore.store import ANNOTATIONS, METADATA_KEY, STORE_FORMAT, TISSUE, chunk_manifest
 from segcore.tissue import EmptySlideError, TissueConfig, tissue_downsample, tissue_mask
 
 #: Label files next to `<name>.<ext>`: `<name>_labels.*`, `<name>_mask.*`, or `<dir>/<name>.*`.
@@ -218,11 +218,13 @@ def _combined_checksum(files: dict[str, str], source: SlideSource) -> str:
 
 def _write_image_region(
     path: Path, page: int | None, cache_bytes: int, dst: zarr.Array, region: ngff.Region
-) -> None:
+) -> tuple[int, int]:
+    """Copy the slide's pixels into `dst`; returns the region's smallest and largest value."""
     ys, xs = region
     with open_slide(path, page, cache_bytes) as reader:
         block = reader.read_region(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
     dst[:, ys, xs] = block
+    return int(block.min()), int(block.max())
 
 
 def _write_label_region(
@@ -246,9 +248,18 @@ def _write_label_region(
 
 
 def _run(client: Client | None, fn: Callable, calls: Sequence[tuple]) -> list:
-    """fn(*args) for every args tuple: on the cluster, or on local threads without one."""
-    tasks = [dask.delayed(fn, pure=False)(*args) for args in calls]
-    return list(dask.compute(*tasks, scheduler=client if client is not None else "threads"))
+    """fn(*args) for every args tuple: on the cluster, or on local threads without one.
+
+    Every call has ended when this returns or raises: a failed slide's temporary store is
+    removed after its last write, not while other regions still write chunks into it.
+    """
+    if client is not None:
+        futures = client.compute([dask.delayed(fn, pure=False)(*args) for args in calls])
+        wait(futures)
+        return client.gather(futures)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+    return [future.result() for future in futures]
 
 
 def _build_pyramid(
@@ -411,7 +422,7 @@ def _write_store(
     cache = config.openslide_cache_mb << 20
     regions = ngff.level_regions(shape, image_region)
     calls = [(source.image, source.page, cache, levels[0], r) for r in regions]
-    _run(client, _write_image_region, calls)
+    value_ranges = _run(client, _write_image_region, calls)
     _build_pyramid(levels, "mean", config.chunk_size, client)
     labels = None
     if source.labels is not None:
@@ -424,6 +435,7 @@ def _write_store(
         raise IngestError(f"{source.image}: {exc}") from exc
     image_bytes = sum(Path(p).stat().st_size for p in files if p != str(source.labels))
     root.attrs[METADATA_KEY] = {
+        "store_format": STORE_FORMAT,
         "source": str(source.image),
         "source_bytes": image_bytes,
         "labels_source": str(source.labels) if source.labels else None,
@@ -433,11 +445,14 @@ def _write_store(
         "file_checksums": files,
         "shape": list(shape),
         "dtype": dtype.name,
+        # What the pixels span, so a 16-bit slide's real scale (often 12 bits) is known.
+        "value_range": [min(r[0] for r in value_ranges), max(r[1] for r in value_ranges)],
         "mpp": mpp,
         "n_levels": len(levels),
         "labels": labels,
         "tissue_downsample": downsample,
         "tissue_fraction": fraction,
+        "arrays": chunk_manifest(root),
         "settings": config.settings(),
         "segflow_version": _segflow_version(),
         "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -485,6 +500,8 @@ def ingest_slide(
         and existing is not None
         and existing.get("checksum") == checksum
         and existing.get("settings") == config.settings()
+        # An older store format is not current: rewriting it is the upgrade.
+        and existing.get("store_format") == STORE_FORMAT
     ):
         return IngestResult(
             source=source,

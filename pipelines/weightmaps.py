@@ -26,7 +26,8 @@ from distributed import Client, futures_of
 from pydantic import BaseModel, Field, NonNegativeFloat
 
 from pipelines.cluster import ClusterConfig, dask_client
-from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore
+from segcore import ngff
+from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, CheckedArray, SlideStore
 from segcore.weights import border_halo, class_weights_from_counts, separate_touching, weight_map
 
 ATTRS_KEY = "weights"
@@ -76,7 +77,7 @@ def _open_annotations(path: Path) -> tuple[SlideStore, zarr.Array]:
         )
     if not np.issubdtype(annotations.dtype, np.integer):
         raise WeightsError(f"{path}: annotations must be integer ids, got {annotations.dtype}")
-    return slide, annotations
+    return slide, slide.verified(annotations)
 
 
 def _write_unit(image: zarr.Array) -> tuple[int, int]:
@@ -110,9 +111,14 @@ def _combine(digests: list[bytes], shape: tuple[int, ...], dtype: str) -> str:
 
 def _annotations_checksum(annotations: zarr.Array) -> Delayed:
     """Content hash of the annotations, read chunk by chunk in parallel."""
-    labels = da.from_zarr(annotations)
+    labels = _read_lazily(annotations, annotations.chunks)
     digests = [dask.delayed(_digest)(block) for block in labels.to_delayed().ravel()]
     return dask.delayed(_combine)(digests, tuple(annotations.shape), str(annotations.dtype))
+
+
+def _read_lazily(annotations: zarr.Array, chunks: tuple) -> da.Array:
+    """The annotations as a Dask array whose reads name a chunk that fails to decode."""
+    return da.from_array(CheckedArray(annotations), chunks=chunks, name=False, asarray=True)
 
 
 def _weight_block(
@@ -170,7 +176,9 @@ def _write_maps(
     try:
         tmp = root.create_group(tmp_name)
         arrays = [
-            tmp.create_array(name, shape=separated.shape, dtype=dtype, chunks=chunks, shards=shards)
+            ngff.create_array(
+                tmp, name, separated.shape, dtype, chunks, shards=shards, dimension_names="yx"
+            )
             for name, dtype in ((TARGET, np.uint8), (WEIGHT, np.float32))
         ]
         weight = da.map_overlap(
@@ -234,9 +242,9 @@ def _compute(
             class_counts=tuple(stored["class_counts"]),
         )
 
-    labels = da.from_zarr(
+    labels = _read_lazily(
         annotations,
-        chunks=_block_chunks(annotations.shape, _write_unit(slide.image(0)), config.block_size),
+        _block_chunks(annotations.shape, _write_unit(slide.image(0)), config.block_size),
     )
     separated = da.map_overlap(
         separate_touching,

@@ -7,6 +7,11 @@ ome-zarr's own writers, so ome-zarr readers and napari see every level and every
 Building a pyramid is split so that any scheduler can run it: `level_regions` cuts a level into
 chunk-aligned regions, and `downsample_region` fills one region of level k+1 from level k, so
 regions are independent tasks that never write the same chunk.
+
+Every array segflow writes is made by `create_array` (or reopened through `writable`): every
+chunk of its grid is stored, even one that equals the fill value, and each chunk ends in a
+crc32c checksum. A chunk missing on disk is then damage, never background, and a corrupt one
+fails to decode instead of decoding to wrong pixels (`segcore.store` checks both on read).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ Region = tuple[slice, slice]
 
 _FORMAT = FormatV05()
 _RGB_COLORS = ("FF0000", "00FF00", "0000FF")
+#: Zarr skips writing a chunk equal to the fill value by default and reads its absence back
+#: as the fill value, so a deleted chunk would read as zeros; segflow stores every chunk.
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 @dataclass(frozen=True)
@@ -39,13 +47,49 @@ class Compression:
     level: int = 1
 
     def compressors(self) -> tuple:
-        """The Zarr v3 codec list for `create_array(compressors=...)`."""
+        """The Zarr v3 codec list for `create_array(compressors=...)`, crc32c last."""
+        return (*self._compressor(), zarr.codecs.Crc32cCodec())
+
+    def _compressor(self) -> tuple:
         if self.codec == "none":
             return ()
         if self.codec == "zstd":
             return (zarr.codecs.ZstdCodec(level=self.level),)
         cname = self.codec.removeprefix("blosc-")
         return (zarr.codecs.BloscCodec(cname=cname, clevel=self.level, shuffle="shuffle"),)
+
+
+def create_array(
+    group: zarr.Group,
+    name: str,
+    shape: Sequence[int],
+    dtype: np.dtype | str,
+    chunks: Sequence[int],
+    compression: Compression = Compression(),
+    shards: Sequence[int] | None = None,
+    dimension_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """An empty array `name` in `group` (fill value 0) that stores every chunk it is given and
+    checksums each one: the only way segflow creates arrays."""
+    return group.create_array(
+        name,
+        shape=tuple(shape),
+        chunks=tuple(chunks),
+        shards=tuple(shards) if shards is not None else None,
+        dtype=dtype,
+        compressors=compression.compressors(),
+        fill_value=0,
+        dimension_names=list(dimension_names) if dimension_names is not None else None,
+        overwrite=overwrite,
+        config=WRITE_CONFIG,
+    )
+
+
+def writable(array: zarr.Array) -> zarr.Array:
+    """`array` as a writer must hold it: chunks equal to the fill value are stored too (an
+    array opened by path or from a group forgets `create_array`'s setting)."""
+    return array.with_config(WRITE_CONFIG)
 
 
 def pyramid_shapes(shape: Sequence[int], min_level_size: int) -> list[tuple[int, ...]]:
@@ -202,14 +246,14 @@ def _create_levels(
     for k, shape in enumerate(shapes):
         chunks = (*shape[:-2], min(chunk_size, shape[-2]), min(chunk_size, shape[-1]))
         arrays.append(
-            group.create_array(
+            create_array(
+                group,
                 str(k),
-                shape=shape,
-                chunks=chunks,
-                dtype=dtype,
-                compressors=compression.compressors(),
-                fill_value=0,
-                dimension_names=list(dimension_names),
+                shape,
+                dtype,
+                chunks,
+                compression,
+                dimension_names=dimension_names,
                 overwrite=overwrite,
             )
         )

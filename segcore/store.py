@@ -19,18 +19,31 @@
 Every label image carries its own "multiscales" metadata and "image-label" source link, so
 napari and ome-zarr readers show all levels (segcore.ngff writes both).
 
-attributes["segflow"], written last by pipelines.ingest: source, source_bytes, labels_source,
-labels_bytes, page, checksum (sha256 over the source files' sha256s, `file_checksums`), shape,
-dtype, mpp (µm/px or None), n_levels, labels ({kind: "binary" | "instances", source_max,
-n_instances} or None), tissue_downsample, tissue_fraction, settings (the ingest settings),
+attributes["segflow"], written last by pipelines.ingest: store_format, source, source_bytes,
+labels_source, labels_bytes, page, checksum (sha256 over the source files' sha256s,
+`file_checksums`), shape, dtype (the source's pixel type, kept as is), value_range ([min, max]
+of the source pixels), mpp (µm/px or None), n_levels, labels ({kind: "binary" | "instances",
+source_max, n_instances} or None), tissue_downsample, tissue_fraction, arrays (the chunk
+manifest: {array path: number of stored chunks}), settings (the ingest settings),
 segflow_version, ingested_at.
+
+Integrity (store_format 2): every array is written through `segcore.ngff.create_array`, so
+every chunk of its grid is on disk and ends in a crc32c checksum. `verify_chunks` finds a
+missing chunk before a stage reads, and `read_checked` / `CheckedArray` turn a chunk that fails
+to decode into a `StoreError` naming the array and the chunk. Stores of format 1 (chunks equal
+to the fill value were not written, no checksums) are refused: a missing chunk there cannot be
+told from background. `pipelines.ingest` rewrites them.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
+import numpy as np
 import zarr
 
 IMAGE_AXES = ("c", "y", "x")
@@ -43,10 +56,115 @@ TRAINING_GROUP = "training"
 TARGET = "target"
 WEIGHT = "weight"
 METADATA_KEY = "segflow"
+#: Bumped when stores written before no longer meet what readers check (see above).
+STORE_FORMAT = 2
 
 
 class StoreError(ValueError):
     """A store is missing, incomplete or not a segflow slide store."""
+
+
+def array_location(array: zarr.Array) -> str:
+    """Where `array` lives, for messages: its directory for a local store."""
+    store = array.store_path.store
+    root = getattr(store, "root", None)
+    if root is None:
+        return str(array.store_path)
+    return str(Path(root) / array.path) if array.path else str(root)
+
+
+def _stored_keys(directory: Path) -> set[str]:
+    """Every file under `directory`, as a "/"-separated path relative to it."""
+    keys = set()
+    for folder, _, files in os.walk(directory):
+        relative = Path(folder).relative_to(directory).as_posix()
+        prefix = "" if relative == "." else f"{relative}/"
+        keys.update(prefix + name for name in files)
+    return keys
+
+
+def chunk_keys(array: zarr.Array) -> list[str]:
+    """The store keys of every chunk (shard, when sharded) of `array`'s grid, in raster order."""
+    grid = array.metadata.chunk_grid
+    return [array.metadata.encode_chunk_key(c) for c in grid.all_chunk_coords(array.shape)]
+
+
+def verify_chunks(array: zarr.Array) -> None:
+    """Raise `StoreError` naming the first chunk of `array` that is not on disk.
+
+    Stores are directories here (`SlideStore.path`); one directory walk, so a 10 000-chunk
+    level costs milliseconds.
+    """
+    root = getattr(array.store_path.store, "root", None)
+    if root is None:
+        return  # not a directory store: nothing to list cheaply
+    stored = _stored_keys(Path(root) / array.path)
+    for key in chunk_keys(array):
+        if key not in stored:
+            raise StoreError(f"{array_location(array)}: chunk {key}: missing")
+
+
+def _chunks_under(array: zarr.Array, selection: tuple[slice, ...]) -> list[tuple[int, ...]]:
+    """Grid coordinates of the chunks that `selection` (slices, one per axis) touches."""
+    ranges = []
+    for sel, n, size in zip(selection, array.shape, array.chunks, strict=False):
+        start, stop, _ = sel.indices(n)
+        ranges.append(range(start // size, max(start, stop - 1) // size + 1))
+    for n, size in zip(array.shape[len(selection) :], array.chunks[len(selection) :], strict=True):
+        ranges.append(range(-(-n // size)))
+    return list(product(*ranges))
+
+
+def _corrupt_chunk(array: zarr.Array, selection: tuple[slice, ...], error: Exception) -> Exception:
+    """The `StoreError` for the first chunk under `selection` that fails to decode on its own,
+    or `error` itself when each decodes alone (the failure was not in a chunk)."""
+    for coords in _chunks_under(array, selection):
+        try:
+            array.get_block_selection(coords)
+        except OSError:
+            raise
+        except Exception as exc:
+            key = array.metadata.encode_chunk_key(coords)
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            return StoreError(f"{array_location(array)}: chunk {key}: corrupt ({reason})")
+    return error
+
+
+def read_checked(array: zarr.Array, selection: Sequence[slice]) -> np.ndarray:
+    """`array[selection]`; a chunk that fails to decode raises `StoreError` naming it.
+
+    Chunks are re-read one by one only on the error path, to find the culprit.
+    """
+    selection = tuple(selection)
+    try:
+        return np.asarray(array[selection])
+    except OSError:
+        raise  # I/O trouble is not corruption: callers may retry it
+    except Exception as exc:
+        raise _corrupt_chunk(array, selection, exc) from exc
+
+
+@dataclass(frozen=True)
+class CheckedArray:
+    """A read-only view of a Zarr array for `dask.array.from_array` whose reads name a corrupt
+    chunk (`read_checked`)."""
+
+    array: zarr.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __getitem__(self, selection: tuple[slice, ...]) -> np.ndarray:
+        return read_checked(self.array, selection)
 
 
 @dataclass(frozen=True)
@@ -64,6 +182,12 @@ class SlideStore:
             raise StoreError(f"{path}: not a Zarr group ({exc})") from exc
         if METADATA_KEY not in group.attrs:
             raise StoreError(f"{path}: not a segflow slide store (no '{METADATA_KEY}' metadata)")
+        found = dict(group.attrs[METADATA_KEY]).get("store_format", 1)
+        if found != STORE_FORMAT:
+            raise StoreError(
+                f"{path}: store format {found}, this segflow reads format {STORE_FORMAT} "
+                "(every chunk stored and checksummed); ingest the slide again"
+            )
         return cls(path)
 
     @property
@@ -78,9 +202,30 @@ class SlideStore:
     def name(self) -> str:
         return self.path.name.removesuffix(".zarr")
 
+    def _array(self, path: str) -> zarr.Array:
+        try:
+            array = self.group[path]
+        except KeyError:
+            raise StoreError(f"{self.path / path}: missing array metadata (zarr.json)") from None
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"{self.path / path}: a group where an array belongs")
+        return array
+
     def image(self, level: int = 0) -> zarr.Array:
         """Image level `level` of the pyramid, (c, y, x)."""
-        return self.group[str(level)]
+        return self._array(str(level))
+
+    def verified(self, array: zarr.Array) -> zarr.Array:
+        """`array` once every chunk of it is on disk and, where ingest recorded it, its chunk
+        count matches the manifest; `StoreError` otherwise."""
+        verify_chunks(array)
+        expected = self.metadata.get("arrays", {}).get(array.path)
+        if expected is not None and expected != array.nchunks:
+            raise StoreError(
+                f"{array_location(array)}: {array.nchunks} chunks, the store's manifest "
+                f"records {expected}"
+            )
+        return array
 
     @property
     def n_levels(self) -> int:
@@ -91,6 +236,9 @@ class SlideStore:
         return tuple(self.image(0).shape)
 
     def _optional(self, path: str) -> zarr.Array | None:
+        """The array at `path`; None when absent, unless the manifest says it was written."""
+        if path in self.metadata.get("arrays", {}):
+            return self._array(path)
         try:
             return self.group[path]
         except KeyError:
@@ -124,3 +272,12 @@ class SlideStore:
     @property
     def instances(self) -> zarr.Array | None:
         return self._optional(f"{LABELS_GROUP}/{INSTANCES}/0")
+
+
+def chunk_manifest(group: zarr.Group) -> dict[str, int]:
+    """{array path: chunk count} of every array under `group`, at any depth."""
+    return {
+        name: member.nchunks
+        for name, member in group.members(max_depth=None)
+        if isinstance(member, zarr.Array)
+    }

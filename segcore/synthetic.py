@@ -38,6 +38,8 @@ import numpy as np
 import tifffile
 import zarr
 
+from segcore import ngff
+
 #: Nuclei are placed per bin of this many pixels; each bin has this many slots.
 BIN_SIZE = 32
 SLOTS_PER_BIN = 8
@@ -484,12 +486,12 @@ def _write_pyramid(
         for level, level_shape in enumerate(shapes):
             next_level = None
             if level + 1 < len(shapes):
-                next_level = zarr.create_array(
-                    store=Path(scratch) / f"{level + 1}.zarr",
-                    shape=(*shapes[level + 1], *extra),
-                    chunks=(tile // 2, tile // 2, *extra),
-                    dtype=dtype,
-                    fill_value=0,
+                next_level = ngff.create_array(
+                    zarr.open_group(Path(scratch) / f"{level + 1}.zarr", mode="w"),
+                    "0",
+                    (*shapes[level + 1], *extra),
+                    dtype,
+                    (tile // 2, tile // 2, *extra),
                 )
             tif.write(
                 _level_tiles(read, level_shape, tile, reduce, next_level),

@@ -23,7 +23,7 @@ from pipelines.inference.journal import JOURNAL_DIR
 from segcore import ngff
 from segcore.checkpoint import save_unet
 from segcore.model import UNet
-from segcore.store import SlideStore
+from segcore.store import STORE_FORMAT, SlideStore
 from segcore.tiling import predict_tiled
 
 TILE, BATCH = 92, 3  # depth 3: 92 px in, 52 out, stride 52
@@ -53,7 +53,7 @@ def make_store(path: Path, image: np.ndarray, tissue: np.ndarray | None = None, 
     levels[0][...] = image
     for k in range(1, len(levels)):
         levels[k][...] = np.asarray(levels[k - 1][...])[:, ::2, ::2]
-    root.attrs["segflow"] = {"tissue_downsample": d, "mpp": 0.5}
+    root.attrs["segflow"] = {"store_format": STORE_FORMAT, "tissue_downsample": d, "mpp": 0.5}
     _, h, w = image.shape
     if tissue is None:
         tissue = np.ones((-(-h // d), -(-w // d)), np.uint8)

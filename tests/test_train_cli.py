@@ -7,6 +7,8 @@ import zarr
 from train_stores import disk_store, tiny_config, write_config
 
 from pipelines.train import main
+from segcore import ngff
+from segcore.store import STORE_FORMAT
 
 
 def test_invalid_configuration_exits_2_with_one_line(tmp_path, capsys):
@@ -25,9 +27,9 @@ def test_unknown_key_is_refused(tmp_path, capsys):
 def test_store_without_training_target_exits_1_naming_it(tmp_path, capsys):
     path = tmp_path / "unlabelled.zarr"
     root = zarr.open_group(path, mode="w")
-    root.attrs["segflow"] = {"tissue_downsample": 8}
+    root.attrs["segflow"] = {"store_format": STORE_FORMAT, "tissue_downsample": 8}
     root.attrs["ome"] = {"multiscales": [{"datasets": [{"path": "0"}]}]}
-    root.create_array("0", data=np.zeros((1, 32, 32), np.uint8))
+    ngff.create_array(root, "0", (1, 32, 32), np.uint8, (1, 32, 32))[...] = 0
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, [path], []))
     assert main(["--config", str(config)]) == 1
     err = capsys.readouterr().err.strip()

@@ -22,9 +22,10 @@ from pipelines.training.data import (
     shard_regions,
     tile_shape,
 )
+from segcore import ngff
 from segcore.geometry import UNetGeometry
 from segcore.model import UNet
-from segcore.store import SlideStore
+from segcore.store import STORE_FORMAT, SlideStore
 from segcore.tiling import plan_tiles
 
 
@@ -118,9 +119,9 @@ def test_worker_processes_deliver_the_same_batches(store):
 def test_store_without_target_is_refused_naming_it(tmp_path):
     path = tmp_path / "bare.zarr"
     root = zarr.open_group(path, mode="w")
-    root.attrs["segflow"] = {"tissue_downsample": 8}
+    root.attrs["segflow"] = {"store_format": STORE_FORMAT, "tissue_downsample": 8}
     root.attrs["ome"] = {"multiscales": [{"datasets": [{"path": "0"}]}]}
-    root.create_array("0", data=np.zeros((1, 16, 16), np.uint8))
+    ngff.create_array(root, "0", (1, 16, 16), np.uint8, (1, 16, 16))[...] = 0
     with pytest.raises(TrainingDataError, match=r"bare\.zarr: no training/target"):
         open_training_store(path, with_weight=False)
 

@@ -10,7 +10,8 @@ import pipelines.weightmaps as weightmaps
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.ingest import IngestConfig, SlideSource, ingest_slide
 from pipelines.weightmaps import WeightsConfig, WeightsError, compute_weight_maps
-from segcore.store import SlideStore, StoreError
+from segcore import ngff
+from segcore.store import STORE_FORMAT, SlideStore, StoreError
 from segcore.synthetic import write_synthetic_slide
 from segcore.weights import separate_touching, training_target, weight_map
 
@@ -33,18 +34,23 @@ def make_store(
     """A minimal segflow slide store (image level 0 + annotations) in the segcore.store layout."""
     shape = shape or labels.shape
     root = zarr.open_group(path, mode="w")
-    root.attrs["segflow"] = {"source": "test", "checksum": "test-checksum"}
+    root.attrs["segflow"] = {
+        "store_format": STORE_FORMAT,
+        "source": "test",
+        "checksum": "test-checksum",
+    }
     root.attrs["ome"] = {"multiscales": [{"datasets": [{"path": "0"}]}]}
-    root.create_array(
+    ngff.create_array(
+        root,
         "0",
-        shape=(3, *shape),
-        dtype=np.uint8,
-        chunks=(3, chunk, chunk),
+        (3, *shape),
+        np.uint8,
+        (3, chunk, chunk),
         shards=(3, shard, shard) if shard else None,
     )
     if labels is not None:
         annotations = root.create_group("labels").create_group("annotations")
-        annotations.create_array("0", data=labels.astype(np.uint32), chunks=(chunk, chunk))
+        ngff.create_array(annotations, "0", labels.shape, np.uint32, (chunk, chunk))[...] = labels
     return path
 
 

@@ -13,10 +13,16 @@ import numpy as np
 import yaml
 import zarr
 
+from segcore import ngff
+from segcore.store import STORE_FORMAT
 from segcore.synthetic import SlideSpec, render_region
 from segcore.weights import separate_touching, training_target, weight_map
 
 TISSUE_DOWNSAMPLE = 8
+
+
+def _write_array(root: zarr.Group, name: str, data: np.ndarray, chunks: tuple) -> None:
+    ngff.create_array(root, name, data.shape, data.dtype, chunks)[...] = data
 
 
 def write_store(
@@ -34,18 +40,18 @@ def write_store(
         tissue = image.mean(0) < 225  # anything darker than glass
     tissue_small = tissue[::k, ::k].astype(np.uint8)
     root.attrs["segflow"] = {
+        "store_format": STORE_FORMAT,
         "tissue_downsample": k,
         "checksum": f"sha256:{abs(hash(image.tobytes())):x}",
         "source": str(path),
     }
     root.attrs["ome"] = {"version": "0.5", "multiscales": [{"datasets": [{"path": "0"}]}]}
-    root.create_array("0", data=image, chunks=(c, chunk, chunk))
-    root.create_array("labels/tissue/0", data=tissue_small, chunks=(chunk, chunk))
+    _write_array(root, "0", image, (c, chunk, chunk))
+    _write_array(root, "labels/tissue/0", tissue_small, (chunk, chunk))
     separated = separate_touching(labels)
-    root.create_array("training/target", data=training_target(labels), chunks=(chunk, chunk))
-    root.create_array(
-        "training/weight", data=weight_map(separated).astype(np.float32), chunks=(chunk, chunk)
-    )
+    _write_array(root, "training/target", training_target(labels), (chunk, chunk))
+    weight = weight_map(separated).astype(np.float32)
+    _write_array(root, "training/weight", weight, (chunk, chunk))
     return path
 
 

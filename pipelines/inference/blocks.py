@@ -15,6 +15,8 @@ from distributed import get_worker
 from pipelines.inference.journal import write_json_atomic
 from pipelines.inference.model import ModelPlugin
 from pipelines.inference.plan import Block
+from segcore.ngff import writable
+from segcore.store import StoreError, read_checked
 from segcore.tiling import predict_padded
 
 ProbabilityFormat = Literal["uint8", "float16"]
@@ -47,7 +49,7 @@ def has_tissue(job: BlockJob) -> bool:
     d, m, b = job.tissue_downsample, job.block.tiles.margin, job.block
     rows = slice(max(0, (b.y0 - m) // d), min(mask.shape[0], -(-(b.y1 + m) // d)))
     cols = slice(max(0, (b.x0 - m) // d), min(mask.shape[1], -(-(b.x1 + m) // d)))
-    return bool(np.asarray(mask[rows, cols]).any())
+    return bool(read_checked(mask, (rows, cols)).any())
 
 
 def read_input(job: BlockJob) -> np.ndarray:
@@ -55,7 +57,9 @@ def read_input(job: BlockJob) -> np.ndarray:
     rows, cols = job.block.input_indices(job.slide_shape)
     image = zarr.open_array(job.image, mode="r")
     r0, c0 = int(rows.min()), int(cols.min())
-    window = np.asarray(image[:, r0 : int(rows.max()) + 1, c0 : int(cols.max()) + 1])
+    window = read_checked(
+        image, (slice(None), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
+    )
     return window[:, rows - r0][:, :, cols - c0]
 
 
@@ -76,9 +80,10 @@ def run_block(job: BlockJob) -> dict:
         return _run_block(job)
     except Exception as exc:
         b = job.block
+        # A StoreError names its array and chunk already; its type adds nothing.
+        reason = str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
         raise BlockError(
-            f"block {b.name} (rows {b.y0}:{b.y1}, columns {b.x0}:{b.x1}) failed: "
-            f"{type(exc).__name__}: {exc}"
+            f"block {b.name} (rows {b.y0}:{b.y1}, columns {b.x0}:{b.x1}) failed: {reason}"
         ) from exc
 
 
@@ -88,7 +93,13 @@ def _run_block(job: BlockJob) -> dict:
     n_classes = runner.unet.config.n_classes
     area = (job.block.y1 - job.block.y0) * (job.block.x1 - job.block.x0)
     if job.skip_background and not has_tissue(job):
-        # Left at the arrays' fill value 0 (background): nothing to write.
+        # Written as zeros all the same: every chunk of a segflow array is stored, so one
+        # missing later is damage, not background (segcore.ngff); zeros compress to nothing.
+        segmentation = writable(zarr.open_array(job.segmentation, mode="r+"))
+        segmentation[job.block.region] = 0
+        if job.probabilities is not None:
+            probs = writable(zarr.open_array(job.probabilities, mode="r+"))
+            probs[(slice(None), *job.block.region)] = 0
         outcome = {"status": "background", "class_counts": [area] + [0] * (n_classes - 1)}
     else:
         # Raw uint8 pixels: exported models fold their training normalisation into the first
@@ -106,9 +117,9 @@ def _run_block(job: BlockJob) -> dict:
             )
         # max(0).indices: the same first-maximum rule as argmax(0), which is 8x slower on CPU.
         classes = logits.max(0).indices.to(torch.uint8).cpu().numpy()
-        zarr.open_array(job.segmentation, mode="r+")[job.block.region] = classes
+        writable(zarr.open_array(job.segmentation, mode="r+"))[job.block.region] = classes
         if job.probabilities is not None:
-            probs = zarr.open_array(job.probabilities, mode="r+")
+            probs = writable(zarr.open_array(job.probabilities, mode="r+"))
             probs[(slice(None), *job.block.region)] = _probabilities(logits, job.probability_format)
         counts = np.bincount(classes.ravel(), minlength=n_classes)
         outcome = {"status": "computed", "class_counts": counts.tolist()}

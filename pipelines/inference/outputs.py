@@ -87,7 +87,7 @@ def _pyramid(
     label = group[f"{LABELS_GROUP}/{name}"]
     levels = sorted(int(k) for k in label.array_keys())
     for k in levels[1:]:
-        src, dst = label[str(k - 1)], label[str(k)]
+        src, dst = label[str(k - 1)], ngff.writable(label[str(k)])
         jobs = (
             (region, (src, dst, region, "nearest"))
             for region in ngff.level_regions(dst.shape, chunk_size)

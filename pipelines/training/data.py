@@ -29,8 +29,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.training.config import TrainConfig
 from segcore.geometry import UNetGeometry
-from segcore.store import SlideStore
+from segcore.store import SlideStore, read_checked
 from segcore.tiling import TilePlan, plan_tiles, reflect_indices
+
+#: The pixel type training reads; exported models take these raw values (0..255) as float,
+#: and inference refuses slides of any other type rather than feed them unscaled.
+INPUT_DTYPE = np.dtype(np.uint8)
 
 
 class TrainingDataError(ValueError):
@@ -76,12 +80,14 @@ class StoreInfo:
 
 
 def open_training_store(path: Path, with_weight: bool) -> StoreInfo:
-    """Check that `path` holds an image, a target (and a weight map) of matching shape."""
+    """Check that `path` holds an image, a target (and a weight map) of matching shape, every
+    chunk of each on disk."""
     store = SlideStore.open(path)
-    image = store.image(0)
-    if image.ndim != 3 or image.dtype != np.uint8:
+    image = store.verified(store.image(0))
+    if image.ndim != 3 or image.dtype != INPUT_DTYPE:
         raise TrainingDataError(
-            f"{path}: image must be (c, y, x) uint8, got {image.shape} {image.dtype}"
+            f"{path}: image must be (c, y, x) {INPUT_DTYPE}, got {image.shape} {image.dtype}; "
+            "segflow does not rescale other pixel types silently"
         )
     height, width = image.shape[1:]
     arrays = {"training/target": store.target}
@@ -94,13 +100,16 @@ def open_training_store(path: Path, with_weight: bool) -> StoreInfo:
             raise TrainingDataError(
                 f"{path}: {name} has shape {tuple(array.shape)}, image is {(height, width)}"
             )
+        store.verified(array)
     tissue = store.tissue
+    if tissue is not None:
+        store.verified(tissue)
     return StoreInfo(
         path=Path(path),
         height=height,
         width=width,
         channels=image.shape[0],
-        tissue=None if tissue is None else np.asarray(tissue[...]) > 0,
+        tissue=None if tissue is None else read_checked(tissue, _whole(tissue)) > 0,
         tissue_downsample=store.tissue_downsample if tissue is not None else 1,
     )
 
@@ -193,11 +202,18 @@ class TileSampler(Sampler[tuple[int, int, int]]):
         return iter(self.positions(rng, self.length))
 
 
+def _whole(array: zarr.Array) -> tuple[slice, ...]:
+    return (slice(None),) * array.ndim
+
+
 def read_mirrored(array: zarr.Array, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """array[..., rows, cols] for mirrored index vectors: one bounding-box read, then a gather."""
+    """array[..., rows, cols] for mirrored index vectors: one bounding-box read, then a gather.
+
+    A chunk that fails to decode raises `StoreError` naming it (`read_checked`)."""
     r0, r1 = int(rows.min()), int(rows.max()) + 1
     c0, c1 = int(cols.min()), int(cols.max()) + 1
-    block = np.asarray(array[..., r0:r1, c0:c1])
+    lead = (slice(None),) * (array.ndim - 2)
+    block = read_checked(array, (*lead, slice(r0, r1), slice(c0, c1)))
     return block[..., (rows - r0)[:, None], (cols - c0)[None, :]]
 
 
@@ -268,6 +284,8 @@ def resolve_regions(config: TrainConfig) -> list[Region]:
         store = SlideStore.open(path)
         if store.target is None:
             raise TrainingDataError(f"{path}: no training/target to validate against")
+        store.verified(store.image(0))
+        store.verified(store.target)
         height, width = store.shape[1:]
         if y >= height or x >= width:
             raise TrainingDataError(f"{path}: region origin ({y}, {x}) outside {height}x{width}")
@@ -316,7 +334,7 @@ class RegionDataset(Dataset):
             # the module re-plans from the region's shape and this tile size.
             "tile_size": self.tile_size,
             "padded": torch.from_numpy(read_mirrored(image, rows, cols)),
-            "target": np.asarray(store.target[ys, xs]),
+            "target": read_checked(store.target, (ys, xs)),
         }
 
 

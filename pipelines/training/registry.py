@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from pipelines.training.config import Normalization
-from pipelines.training.data import TileShape
+from pipelines.training.data import INPUT_DTYPE, TileShape
 from segcore.model import UNet
 
 CANDIDATE = "candidate"
@@ -57,6 +57,7 @@ def model_metadata(model: UNet, normalization: Normalization, tile: TileShape) -
         },
         "input": {
             "layout": "N x C x H x W float32",
+            "dtype": INPUT_DTYPE.name,  # the slides' pixel type the model was trained on
             "scale": "raw pixel values 0..255 (uint8 cast to float); normalisation is folded in",
             "normalization_mean": normalization.mean,
             "normalization_std": normalization.std,
