@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flows.configs import UsageError, existing, load
+from flows.interrupt import handling as handling_interrupts
 from pipelines.redaction import redact_text, redact_uri
 
 EXIT_FAILED_SLIDES = 1
@@ -128,11 +129,14 @@ def split_items(items: Sequence[str]) -> tuple[list[Path], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # The first SIGINT or SIGTERM ends the command within seconds, exit 130 or 143 (see there).
+    with handling_interrupts(sys.stderr):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args)
-    except KeyboardInterrupt:
-        print("segflow: interrupted", file=sys.stderr)
-        return 130
     except ValueError as exc:  # the stages' and the configuration's errors for bad input
         if args.debug:
             traceback.print_exc()

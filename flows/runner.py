@@ -7,15 +7,22 @@ import atexit
 import os
 import sys
 from dataclasses import dataclass
+from functools import partial
 from uuid import UUID
 
-from prefect import Flow
+import prefect.settings
+from prefect import Flow, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Cancelled, State
 from rich.console import Console
 
 from flows import progress
 from flows.console import quiet_console, quiet_logging, stage_bars
+from flows.interrupt import on_interrupt
 from flows.outcomes import RunSummary, SlideFailures
 from flows.runtime import Runtime, prefect_session
+from pipelines.train import end_process_runs
 
 
 @dataclass(frozen=True)
@@ -26,17 +33,29 @@ class FlowOutcome:
 
 def run_flow(flow: Flow, runtime: Runtime, verbose: bool = False, **parameters) -> FlowOutcome:
     """Call `flow(runtime=runtime, **parameters)`; a run that failed because of some slides
-    returns its summary, any other failure raises."""
+    returns its summary, any other failure raises. Interrupted (flows.interrupt), the flow run
+    ends Cancelled and the MLflow runs it trains in end KILLED."""
+    flow_runs: list[UUID] = []
+
+    def running(flow: Flow, flow_run: FlowRun, state: State) -> None:
+        flow_runs.append(flow_run.id)
+
+    def end_training(reason: str) -> None:
+        end_process_runs(runtime.mlflow_uri)
+
     with (
-        prefect_session(runtime, os.environ),
-        quiet_logging(verbose),
+        quiet_logging(verbose),  # first: starting the temporary server logs a line
+        prefect_session(runtime, os.environ) as api_url,
+        on_interrupt(partial(cancel_flow_runs, api_url, flow_runs)),
+        on_interrupt(end_training),
         stage_bars(Console(file=sys.stderr)) as bars,
         progress.reporting(bars),
     ):
-        state = flow(runtime=runtime, return_state=True, **parameters)
+        recorded = flow.with_options(on_running=[*flow.on_running_hooks, running])
+        state = recorded(runtime=runtime, return_state=True, **parameters)
     if not verbose:
-        # Prefect stops its temporary server at exit and says so; registered after it, this
-        # runs first and keeps that line off the terminal too.
+        # The temporary server stops at exit and says so; registered after it, this runs
+        # first and keeps that line off the terminal too.
         atexit.unregister(quiet_console)
         atexit.register(quiet_console)
     result = state.result(raise_on_failure=False)
@@ -45,3 +64,19 @@ def run_flow(flow: Flow, runtime: Runtime, verbose: bool = False, **parameters) 
     elif isinstance(result, BaseException):
         raise result
     return FlowOutcome(result, state.state_details.flow_run_id)
+
+
+def cancel_flow_runs(api_url: str, flow_runs: list[UUID], reason: str) -> None:
+    """Force `flow_runs` and their unfinished task runs into Cancelled, saying why."""
+    with (
+        prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        for flow_run in flow_runs:
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run]))
+            )
+            for task in tasks:
+                if task.state is None or not task.state.is_final():
+                    client.set_task_run_state(task.id, Cancelled(message=reason), force=True)
+            client.set_flow_run_state(flow_run, Cancelled(message=reason), force=True)

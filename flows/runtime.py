@@ -15,6 +15,7 @@ from pathlib import Path
 import prefect.settings
 from pydantic import BaseModel
 
+from flows.interrupt import on_interrupt
 from pipelines.cluster import ClusterConfig
 
 #: Where the user already put Prefect's results (and so the task cache).
@@ -24,6 +25,9 @@ STORAGE_VARIABLES = (
     "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
     "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
 )
+#: The first start migrates a fresh database; 20 s (Prefect's default) is too tight on a busy
+#: 2-core machine.
+SERVER_STARTUP_SECONDS = 120
 
 
 class Runtime(BaseModel):
@@ -69,18 +73,14 @@ class Runtime(BaseModel):
 
 def embedded_prefect_settings(runtime: Runtime, env: Mapping[str, str]) -> dict[str, object]:
     """Prefect settings for a run: the task cache under the workdir and, when no API URL is set,
-    a quiet temporary local server whose database is kept there too (so `prefect server start`
-    on the same database shows the runs afterwards)."""
+    the temporary local server's database kept there too (so `prefect server start` on the
+    same database shows the runs afterwards), without telemetry."""
     settings: dict[str, object] = {}
     if not any(env.get(name) for name in STORAGE_VARIABLES):
         settings["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(runtime.prefect_dir / "storage")
     if prefect_api_url(env) is None:
         settings |= {
-            "PREFECT_SERVER_EPHEMERAL_ENABLED": True,
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(runtime),
-            # The first start migrates a fresh database; 20 s (Prefect's default) is too
-            # tight on a busy 2-core machine.
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": 120,
             "PREFECT_SERVER_ANALYTICS_ENABLED": False,
         }
     return settings
@@ -98,12 +98,24 @@ def prefect_database_url(runtime: Runtime) -> str:
 
 
 @contextmanager
-def prefect_session(runtime: Runtime, env: Mapping[str, str]) -> Iterator[None]:
-    """Apply `embedded_prefect_settings` for the duration of the block."""
+def prefect_session(runtime: Runtime, env: Mapping[str, str]) -> Iterator[str]:
+    """Apply `embedded_prefect_settings` for the duration of the block; yields the API URL,
+    that of a temporary local server (flows.prefect_server) when none is set."""
     runtime.prefect_dir.mkdir(parents=True, exist_ok=True)
     updates = {
         getattr(prefect.settings, name): value
         for name, value in embedded_prefect_settings(runtime, env).items()
     }
     with prefect.settings.temporary_settings(updates=updates):
-        yield
+        api_url = prefect_api_url(env)
+        if api_url is not None:
+            yield api_url
+            return
+        from flows.prefect_server import serving  # the server's modules load only when needed
+
+        server = serving(prefect_database_url(runtime), SERVER_STARTUP_SECONDS)
+        with (
+            prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: server.api_url}),
+            on_interrupt(lambda reason: server.stop()),
+        ):
+            yield server.api_url

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import socket
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -39,11 +41,16 @@ from pipelines.training.tracking import (
 from segcore.checkpoint import save_unet
 from segcore.geometry import UNetGeometry
 
-__all__ = ["TrainConfig", "TrainError", "TrainResult", "main", "train"]
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "end_process_runs", "main", "train"]
 
 #: Training tiles the normalisation statistics are estimated from.
 NORMALIZATION_TILES = 16
 WEIGHTS_FILE = "model.pt"
+
+
+#: MLflow tag: the process (host:pid) a run is training in, so an interrupted command can end
+#: exactly its own runs (`end_process_runs`).
+PROCESS_TAG = "segflow.process"
 
 
 class TrainError(ValueError):
@@ -65,6 +72,26 @@ class TrainResult(BaseModel):
     weights: Path | None = None
     global_step: int = 0
     resumed_from_step: int | None = None
+
+
+def process_identity() -> str:
+    """This process, as PROCESS_TAG records it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def end_process_runs(tracking_uri: str, status: str = "KILLED") -> list[str]:
+    """End the runs this process is training in that are still RUNNING (ids of those ended)."""
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(
+        experiments,
+        f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` = '{process_identity()}'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status)
+    return [run.info.run_id for run in runs]
 
 
 def _precision(config: TrainConfig) -> str:
@@ -215,6 +242,8 @@ def train(config: TrainConfig) -> TrainResult:
         artifact_location=config.artifact_location,
         run_id=resume.run_id if resume else None,
     )
+    # Every time, not only at creation: a resumed run was started by another process.
+    logger.experiment.set_tag(logger.run_id, PROCESS_TAG, process_identity())
     trainer = pl.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
