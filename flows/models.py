@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from pipelines.services import mlflow_client
 
 
 class ModelNotFoundError(ValueError):
@@ -17,7 +18,7 @@ def pin_model(uri: str, tracking_uri: str | None) -> str:
     if not uri.startswith("models:/") or "@" not in uri:
         return uri
     name, _, alias = uri.removeprefix("models:/").partition("@")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         version = client.get_model_version_by_alias(name, alias).version
     except MlflowException as exc:

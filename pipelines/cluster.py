@@ -10,6 +10,8 @@ import dask
 from distributed import Client, LocalCluster, as_completed
 from pydantic import BaseModel, Field
 
+from pipelines.services import connect_scheduler
+
 
 class ClusterConfig(BaseModel):
     """Dask cluster settings; `scheduler_address` (or Dask's own `scheduler-address` config,
@@ -20,15 +22,18 @@ class ClusterConfig(BaseModel):
     threads_per_worker: int = Field(default=1, ge=1)
     processes: bool = True
     memory_limit: str = "4GiB"
+    #: Seconds to wait for the scheduler at `scheduler_address` before giving up with one line.
+    connect_timeout_s: float = Field(default=10.0, gt=0)
 
 
 @contextmanager
 def dask_client(config: ClusterConfig | None = None) -> Iterator[Client]:
-    """A Client for the configured cluster; a LocalCluster it starts is closed on exit."""
+    """A Client for the configured cluster; a LocalCluster it starts is closed on exit.
+    An address that does not answer within `connect_timeout_s` raises ServiceUnreachableError."""
     config = config or ClusterConfig()
     address = config.scheduler_address or dask.config.get("scheduler-address", None)
     if address:
-        with Client(address) as client:
+        with connect_scheduler(address, config.connect_timeout_s) as client:
             yield client
         return
     with (

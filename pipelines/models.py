@@ -1,11 +1,17 @@
-"""Load a trained U-Net for inference from the MLflow registry, a run, or a model file.
+"""Load a trained U-Net for inference from the MLflow registry, a run, or a model file,
+never executing code stored with the model.
 
-Every path avoids unpickling code: registry and run URIs go through MLflow's own loader (the
-models are saved in its "pt2" torch.export format, which it checks is pickle-free), files
-through `segcore.checkpoint.load_unet` (weights_only=True). Whatever the source, the returned
-`UNet` is in eval mode and takes raw pixel values, uint8 cast to float (0..255), channels
-first, as `segcore.tiling.predict_tiled` passes them: training folded its normalisation into
-the first convolution (pipelines.training.normalization).
+Registry and run URIs load only segflow's own format: a `pytorch` flavour saved as a
+torch.export ("pt2") archive, with the U-Net configuration in the MLmodel metadata. The decision
+is made from the MLmodel file (YAML, read with yaml.safe_load) and the model's file listing
+before anything else is downloaded; any other model (a pickle-serialized PyTorch model, a
+cloudpickled python_function, another flavour) is refused. The weights are then read from the
+archive's raw tensor records (pipelines.pt2_weights), not with torch.export.load, which
+unpickles parts of the archive. Files go through `segcore.checkpoint.load_unet`
+(weights_only=True). Whatever the source, the returned `UNet` is in eval mode and takes raw
+pixel values, uint8 cast to float (0..255), channels first, as `segcore.tiling.predict_tiled`
+passes them: training folded its normalisation into the first convolution
+(pipelines.training.normalization).
 
     load_model("models:/segflow-unet@champion")      # alias
     load_model("models:/segflow-unet/3")             # version
@@ -25,10 +31,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+from pipelines.pt2_weights import Pt2ArchiveError, pt2_state_dict
+from pipelines.services import mlflow_client
 from pipelines.training.config import Normalization
 from pipelines.training.normalization import fold_normalization
 from segcore.checkpoint import CheckpointError, load_unet
 from segcore.model import UNet, UNetConfig
+
+#: What mlflow.pytorch writes in the model's data folder: a torch.export archive ("pt2"), or a
+#: torch.save pickle of the whole module ("pickle").
+PT2_FILE = "model.pt2"
+PICKLED_TORCH_FILE = "model.pth"
+MLMODEL_FILE = "MLmodel"
 
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:", "s3://", "gs://", "http://", "https://")
 
@@ -38,38 +52,98 @@ class ModelLoadError(ValueError):
 
 
 def _artifact_uri(uri: str, client: MlflowClient) -> str:
-    """`models:/name@alias` or `models:/name/version` resolved against `client`'s registry.
+    """Where the model at a `models:/` or `runs:/` URI is stored, resolved with `client`.
 
-    MLflow's download_artifacts resolves `models:/` URIs with the process-wide default registry
-    and ignores its registry_uri argument, so a fresh process with an explicit tracking URI
-    would look in the wrong store: resolve the version here, with the given client.
+    MLflow resolves these URIs with the process-wide default registry (download_artifacts
+    ignores its registry_uri argument for `models:/`, and `runs:/` URIs of MLflow 3 logged
+    models go through a `models:/<model id>` lookup without it), so a fresh process with an
+    explicit tracking URI would look in the wrong store: resolve them here, with the client.
     """
-    if not uri.startswith("models:/"):
-        return uri
-    name, sep, alias = uri.removeprefix("models:/").partition("@")
-    if sep:
-        version = client.get_model_version_by_alias(name, alias).version
-    else:
-        name, _, version = name.partition("/")
-    return client.get_model_version_download_uri(name, version)
+    if uri.startswith("models:/"):
+        name, sep, alias = uri.removeprefix("models:/").partition("@")
+        if sep:
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = name.partition("/")
+        return client.get_model_version_download_uri(name, version)
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        run = client.get_run(run_id)
+        name, _, rest = path.partition("/")
+        logged = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'"
+        )
+        for model in logged:
+            if model.source_run_id == run_id:  # a logged model (MLflow 3)
+                return f"{model.artifact_location.rstrip('/')}/{rest}".rstrip("/")
+        return f"{run.info.artifact_uri.rstrip('/')}/{path}"  # a model in the run's artifacts
+    return uri
+
+
+def _refusal(mlmodel: Model, data_files: set[str]) -> str | None:
+    """Why segflow will not load this model, or None for its own format (pytorch flavour,
+    torch.export archive). Decided from the MLmodel file and the data folder's file names."""
+    flavours = mlmodel.flavors
+    if "pytorch" in flavours:
+        if PICKLED_TORCH_FILE in data_files:
+            return f"pickle-serialized model (pytorch flavour, {PICKLED_TORCH_FILE} via torch.save)"
+        if PT2_FILE in data_files:
+            return None
+        return f"not a torch.export model (no {PT2_FILE} in its pytorch flavour's data)"
+    pickled = sorted(name for name, conf in flavours.items() if _is_pickled(conf))
+    if pickled:
+        return f"pickle-serialized model ({', '.join(pickled)} flavour stored with pickle)"
+    return f"not a PyTorch model (flavours: {', '.join(sorted(flavours)) or 'none'})"
+
+
+def _is_pickled(flavour: object) -> bool:
+    """Whether a flavour's MLmodel entry names pickle as its storage (cloudpickle_version,
+    pickle_module_name, python_model: x.pkl, serialization_format: cloudpickle, ...).
+
+    Flavours spell it in different keys and values, so the whole entry is searched; a false
+    positive only changes the wording, as every flavour but pytorch's pt2 is refused anyway."""
+    return "pickle" in str(flavour).lower() or ".pkl" in str(flavour).lower()
+
+
+def _download(artifact_uri: str, dst: str, tracking_uri: str | None) -> Path:
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=artifact_uri, dst_path=dst, tracking_uri=tracking_uri
+    )
+    return Path(local)
+
+
+def _file_names(data_uri: str, mlmodel: Model, tracking_uri: str | None) -> set[str]:
+    """Names of the files in a pytorch flavour's data folder (none for other flavours)."""
+    if "pytorch" not in mlmodel.flavors:
+        return set()
+    listing = mlflow.artifacts.list_artifacts(artifact_uri=data_uri, tracking_uri=tracking_uri)
+    return {Path(item.path).name for item in listing}
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None) -> UNet:
+    client = mlflow_client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=_artifact_uri(uri, client), dst_path=tmp, tracking_uri=tracking_uri
-            )
-            graph = mlflow.pytorch.load_model(local)
-            metadata = Model.load(local).metadata or {}
+            base = _artifact_uri(uri, client).rstrip("/")
+            mlmodel = Model.load(_download(f"{base}/{MLMODEL_FILE}", tmp, tracking_uri))
+            data = f"{base}/{mlmodel.flavors.get('pytorch', {}).get('model_data', 'data')}"
+            refusal = _refusal(mlmodel, _file_names(data, mlmodel, tracking_uri))
+            if refusal is not None:
+                raise ModelLoadError(f"{uri}: refused: {refusal}")
+            metadata = mlmodel.metadata or {}
+            if "unet_config" not in metadata:
+                raise ModelLoadError(f"{uri}: not a segflow U-Net (no unet_config in its metadata)")
+            state = pt2_state_dict(_download(f"{data}/{PT2_FILE}", tmp, tracking_uri))
         except (MlflowException, OSError) as exc:
             raise ModelLoadError(f"{uri}: cannot load model ({exc})") from exc
-    if "unet_config" not in metadata:
-        raise ModelLoadError(f"{uri}: not a segflow U-Net (no unet_config in its metadata)")
-    model = UNet.from_config(UNetConfig(**metadata["unet_config"]))
+        except Pt2ArchiveError as exc:
+            raise ModelLoadError(f"{uri}: refused: {exc}") from exc
     try:
-        model.load_state_dict(graph.state_dict())
+        model = UNet.from_config(UNetConfig(**metadata["unet_config"]))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{uri}: invalid unet_config in its metadata ({exc})") from exc
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelLoadError(f"{uri}: weights do not match its U-Net configuration") from exc
     return model

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.inference.model import ModelSource
 from pipelines.models import ModelLoadError, load_model
+from pipelines.services import mlflow_client
 
 
 def _digest(config: dict, state: dict[str, torch.Tensor]) -> str:
@@ -29,7 +29,7 @@ def _pin_version(uri: str, tracking_uri: str | None) -> tuple[str, str | None]:
     if uri.startswith("models:/"):
         name, _, alias = uri.removeprefix("models:/").partition("@")
         if alias:
-            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client = mlflow_client(tracking_uri)
             try:
                 version = client.get_model_version_by_alias(name, alias).version
             except MlflowException as exc:
