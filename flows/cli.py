@@ -119,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command's arguments, with paths and `key=value` overrides allowed anywhere on the
+    line (argparse alone takes positionals only before the first option)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    stray = [word for word in unknown if word.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.items = [*getattr(args, "items", []), *unknown]
+    return args
+
+
 def split_items(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Positional words: `key=value` overrides, everything else a path."""
     overrides = [item for item in items if "=" in item]
@@ -128,7 +140,7 @@ def split_items(items: Sequence[str]) -> tuple[list[Path], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # The first SIGINT or SIGTERM ends the command within seconds, exit 130 or 143 (see there).
     with handling_interrupts(sys.stderr):
         return _main(args)
@@ -158,6 +170,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from flows.console import quiet_logging
     from flows.runtime import Runtime
 
     runtime = Runtime(
@@ -169,7 +182,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         # join the rank-0 training run directly, outside Prefect.
         return _train_rank(args, runtime, paths, overrides)
     command: Callable[..., int] = COMMANDS[args.command]
-    return command(args, runtime, paths, overrides)
+    # Checking input reads files too (a TIFF's pages): their libraries' warnings stay off the
+    # terminal like the stages' do, so a bad file still ends in one line.
+    with quiet_logging(args.verbose):
+        return command(args, runtime, paths, overrides)
 
 
 def _train_rank(args, runtime, paths, overrides) -> int:
@@ -191,43 +207,47 @@ def _train_config(args, runtime, paths, overrides):
 
 
 def _ingest(args, runtime, paths, overrides) -> int:
-    if not paths:
-        raise UsageError("ingest: name at least one slide or folder of slides")
-    sources = existing(paths)
     from flows.pipeline import ingest_flow
     from pipelines.ingest import IngestConfig
+    from pipelines.sources import find_slides
 
     config = load(IngestConfig, args.config, overrides)
-    return _run(args, runtime, ingest_flow, sources=sources, ingest=config)
+    find_slides(paths)  # no such path, no slide in a folder: fail before any flow starts
+    return _run(args, runtime, ingest_flow, sources=paths, ingest=config)
 
 
 def _weights(args, runtime, paths, overrides) -> int:
     from flows.pipeline import weights_flow
+    from pipelines.sources import find_stores
     from pipelines.weightmaps import WeightsConfig
 
     config = load(WeightsConfig, args.config, overrides)
-    stores = existing(paths or [runtime.stores_dir])
+    stores = find_stores(paths or [runtime.stores_dir])
     return _run(args, runtime, weights_flow, stores=stores, weights=config)
 
 
 def _train(args, runtime, paths, overrides) -> int:
     from flows.pipeline import train_flow
+    from pipelines.sources import find_stores
 
     config = _train_config(args, runtime, paths, overrides)
-    existing(config.stores)
+    find_stores(config.stores)
     return _run(args, runtime, train_flow, train=config)
 
 
 def _infer(args, runtime, paths, overrides) -> int:
     from flows.pipeline import CHAMPION, infer_flow
     from pipelines.infer import InferConfig
+    from pipelines.sources import find_slides, find_stores
 
     config = load(InferConfig, args.config, overrides)
-    archive = existing([args.archive])[0] if args.archive else None
-    stores = existing(paths or ([] if archive else [runtime.stores_dir]))
     model = args.model or CHAMPION
     if not model.startswith(("models:/", "runs:/")) and "://" not in model:
         existing([Path(model)])
+    archive = args.archive
+    if archive is not None:
+        find_slides([archive])
+    stores = find_stores(paths or [runtime.stores_dir]) if paths or archive is None else []
     return _run(
         args, runtime, infer_flow, stores=stores, archive=archive, model_uri=model, infer=config
     )
@@ -235,13 +255,14 @@ def _infer(args, runtime, paths, overrides) -> int:
 
 def _pipeline_config(args, paths, overrides):
     from flows.pipeline import PipelineConfig
+    from pipelines.sources import find_slides
 
     if len(paths) > 1:
         raise UsageError(f"{args.command}: one archive folder at a time, got {len(paths)}")
     if paths:
         overrides = [f"archive={existing(paths)[0]}", *overrides]
     config = load(PipelineConfig, args.config, overrides)
-    existing([config.archive])
+    find_slides([config.archive])
     return config
 
 
@@ -255,8 +276,10 @@ def _run_pipeline(args, runtime, paths, overrides) -> int:
 def _serve(args, runtime, paths, overrides) -> int:
     from flows.deployments import serve
     from flows.runtime import prefect_api_url, prefect_session
+    from pipelines.storage import writable_folder
 
     config = _pipeline_config(args, paths, overrides)
+    writable_folder(runtime.workdir)
     embedded = prefect_api_url(os.environ) is None
     if embedded:
         print(
@@ -272,7 +295,9 @@ def _serve(args, runtime, paths, overrides) -> int:
 
 def _demo(args, runtime, paths, overrides) -> int:
     from flows.demo import run_demo
+    from pipelines.storage import writable_folder
 
+    writable_folder(runtime.workdir)
     return run_demo(runtime, args.config, overrides, verbose=args.verbose)
 
 
@@ -282,7 +307,9 @@ def _run(args, runtime, flow, **parameters) -> int:
 
     from flows.console import summary_table
     from flows.runner import run_flow
+    from pipelines.storage import writable_folder
 
+    writable_folder(runtime.workdir)
     outcome = run_flow(flow, runtime, verbose=args.verbose, **parameters)
     Console().print(summary_table(outcome.summary))
     print(f"stores: {runtime.stores_dir}\nMLflow: {redact_uri(runtime.mlflow_uri)}")

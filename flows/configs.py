@@ -25,12 +25,15 @@ def existing(paths: Sequence[Path]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def load(cls: type[ConfigT], path: Path | None, overrides: Sequence[str]) -> ConfigT:
-    """A configuration from YAML + `key=value` overrides; errors as one line naming the file."""
+def load(
+    cls: type[ConfigT], path: Path | None, overrides: Sequence[str], defaults: dict | None = None
+) -> ConfigT:
+    """A configuration from YAML (or `defaults`) + `key=value` overrides; errors as one line
+    naming the file."""
     if path is not None and not path.is_file():
         raise UsageError(f"{path}: no such configuration file")
     try:
-        return load_config(cls, path, overrides)
+        return load_config(cls, path, overrides, defaults)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()

@@ -98,14 +98,14 @@ def run_demo(
     workdir = runtime.workdir
     archive, truth = workdir / "archive", workdir / "truth"
     console = Console(soft_wrap=True)  # commands must stay on one line to be copied
+    demo_defaults = {"archive": str(archive), **DEMO_CONFIG}
+    # Checked before anything is written: a bad override leaves no archive behind.
+    config: PipelineConfig = load(PipelineConfig, config_path, overrides, demo_defaults)
     console.print(f"[bold]segflow demo[/] in {workdir}")
     write_archive(archive, truth)
     console.print(f"synthetic archive: {len(SLIDES)} slides in {archive}")
-    saved = workdir / "demo.yaml"
     if config_path is None:
-        saved.write_text(yaml.safe_dump({"archive": str(archive), **DEMO_CONFIG}, sort_keys=False))
-        config_path = saved
-    config: PipelineConfig = load(PipelineConfig, config_path, overrides)
+        (workdir / "demo.yaml").write_text(yaml.safe_dump(demo_defaults, sort_keys=False))
 
     outcome = run_flow(pipeline_flow, runtime, verbose=verbose, config=config)
     summary = outcome.summary

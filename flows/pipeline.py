@@ -28,9 +28,10 @@ from flows.models import pin_model
 from flows.outcomes import RunSummary, SlideFailures, StageOutcome, TrainedModel
 from flows.runtime import Runtime
 from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
-from pipelines.infer import InferConfig, discover_stores
-from pipelines.ingest import IngestConfig, SlideSource, discover_sources
+from pipelines.infer import InferConfig
+from pipelines.ingest import IngestConfig
 from pipelines.redaction import redact_text, redact_uri
+from pipelines.sources import find_slides, find_stores
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.weightmaps import WeightsConfig
 from segcore.store import SlideStore
@@ -72,32 +73,6 @@ def _runner() -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=SLIDES_AT_ONCE)
 
 
-def expand_sources(paths: list[Path]) -> list[SlideSource]:
-    """Slides from files and folders (folders as `discover_sources` reads them)."""
-    sources: list[SlideSource] = []
-    for path in paths:
-        path = Path(path)
-        if path.is_dir():
-            sources += discover_sources(path)
-            continue
-        found = (
-            [s for s in discover_sources(path.parent) if s.image == path]
-            if path.parent.is_dir()
-            else []
-        )
-        sources += found or [SlideSource(image=path)]
-    return sources
-
-
-def expand_stores(paths: list[Path]) -> list[Path]:
-    """Stores from store paths and folders of stores."""
-    stores: list[Path] = []
-    for path in map(Path, paths):
-        is_store = (path / "zarr.json").exists() or not path.is_dir()
-        stores += [path] if is_store else discover_stores(path)
-    return stores
-
-
 def is_labelled(store: Path) -> bool:
     """Whether a store has annotations to train on."""
     return SlideStore.open(store).annotations is not None
@@ -126,7 +101,7 @@ def _trained(result: TrainResult) -> TrainedModel:
 def _ingest_stage(
     sources: list[Path], config: IngestConfig, runtime: Runtime, summary: RunSummary
 ) -> list[Path]:
-    pairs = run_ingest(expand_sources(sources), runtime.stores_dir, config, runtime)
+    pairs = run_ingest(find_slides(sources), runtime.stores_dir, config, runtime)
     summary.outcomes += [outcome for outcome, _ in pairs]
     return [result.store for _, result in pairs if result is not None]
 
@@ -178,7 +153,7 @@ def weights_flow(
     """Weight maps of labelled stores (store paths, or folders of stores)."""
     runtime = runtime.resolved(os.environ)
     summary = RunSummary("weights")
-    summary.outcomes += [o for o, _ in run_weights(expand_stores(stores), weights, runtime)]
+    summary.outcomes += [o for o, _ in run_weights(find_stores(stores), weights, runtime)]
     return _finish(summary)
 
 
@@ -212,7 +187,7 @@ def infer_flow(
     """
     runtime = runtime.resolved(os.environ)
     summary = RunSummary("infer")
-    targets = expand_stores(stores or [])
+    targets = find_stores(stores or [runtime.stores_dir]) if stores or archive is None else []
     if archive is not None:
         targets += _ingest_stage([archive], ingest, runtime, summary)
     _infer_stage(targets, model_uri, infer, runtime, summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -27,14 +28,18 @@ def _set_dotted(tree: dict, dotted: str, value: object) -> None:
 
 
 def load_config(
-    cls: type[ConfigT], path: str | Path | None = None, overrides: Iterable[str] = ()
+    cls: type[ConfigT],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    defaults: dict | None = None,
 ) -> ConfigT:
-    """`cls` from YAML `path` (optional) with overrides like `optim.lr=0.01` applied on top.
+    """`cls` from YAML `path` (else the `defaults` tree, else nothing) with overrides like
+    `optim.lr=0.01` applied on top.
 
     Override values are parsed as YAML scalars/lists, so `devices=2`, `stores=[a.zarr, b.zarr]`
     and `tracking_uri=null` do what they say.
     """
-    tree: dict = {}
+    tree: dict = copy.deepcopy(defaults or {})
     if path is not None:
         path = Path(path)
         try:

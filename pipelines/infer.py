@@ -41,6 +41,7 @@ from pipelines.inference.outputs import (
 from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.inference.report import RunProgress, print_summary, run_progress
 from pipelines.inference.source import resolve_model
+from pipelines.sources import find_stores
 from pipelines.training.data import INPUT_DTYPE
 from segcore.geometry import UNetGeometry
 from segcore.store import SlideStore
@@ -372,11 +373,6 @@ def infer_slide(
     return result
 
 
-def discover_stores(folder: Path) -> list[Path]:
-    """The slide stores (`*.zarr` Zarr groups) directly inside `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix == ".zarr" and (p / "zarr.json").exists())
-
-
 def infer_archive(
     stores: Sequence[str | Path] | str | Path,
     model_uri: str | Path,
@@ -385,11 +381,7 @@ def infer_archive(
 ) -> list[InferResult]:
     """Segment many slide stores (or every store in a folder); failures are reported per slide
     and do not stop the others. Prints a summary table when `config.progress` is set."""
-    if isinstance(stores, str | Path):
-        folder = Path(stores)
-        paths = [folder] if (folder / "zarr.json").exists() else discover_stores(folder)
-    else:
-        paths = [Path(s) for s in stores]
+    paths = find_stores([stores] if isinstance(stores, str | Path) else stores)
     results = _infer_all(paths, model_uri, config, client)
     if config.progress:
         print_summary(results)

@@ -3,19 +3,19 @@
 Per slide (`ingest_slide`), in the layout of `segcore.store`:
   1. checksum the source files (streamed sha256); when the store already holds the same
      checksum and settings, skip it;
-  2. write everything into a hidden sibling `.<name>.zarr.tmp-<pid>`: level 0 region by
+  2. write everything into a hidden sibling `.<name>.zarr.tmp-<pid>-<random>`: level 0 region by
      region (Dask tasks that open the reader themselves, so nothing unpicklable travels and
      memory per task is one region), then each pyramid level from the level above, the
      annotations (a binary mask's connected components become instances) with their own
      pyramid, the tissue mask from a coarse level, and the metadata last;
-  3. rename the finished store into place; a failed slide leaves nothing behind.
+  3. rename the finished store into place (`pipelines.storage.install`); a failed slide
+     leaves nothing behind.
 `ingest_archive` runs many slides at once on one Dask cluster and reports per slide, so one
 bad slide never stops the others. Stores must live on a file system every worker can reach.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -29,33 +29,34 @@ from typing import Literal
 
 import dask
 import numpy as np
-import psutil
 import zarr
 from distributed import Client, wait
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.components import label_foreground
-from segcore import ngff
-from segcore.readers import (
-    SUPPORTED_SUFFIXES,
-    ReaderError,
-    open_labels,
-    open_slide,
-    page_count,
+from pipelines.sources import (
+    IngestError,
+    SlideSource,
+    expand_pages,
+    file_checksums,
+    name_clashes,
+    source_checksum,
 )
+from pipelines.storage import (
+    install,
+    refuse_links,
+    remove_stale_siblings,
+    temporary_sibling,
+    writable_folder,
+)
+from segcore import ngff
+from segcore.readers import ReaderError, open_labels, open_slide
 from segcore.store import ANNOTATIONS, METADATA_KEY, STORE_FORMAT, TISSUE, chunk_manifest
 from segcore.tissue import EmptySlideError, TissueConfig, tissue_downsample, tissue_mask
 
-#: Label files next to `<name>.<ext>`: `<name>_labels.*`, `<name>_mask.*`, or `<dir>/<name>.*`.
-LABEL_SUFFIXES = ("_labels", "_mask")
-LABEL_FOLDERS = ("labels", "label", "masks", "mask")
 _IMAGE_DTYPES = ("uint8", "uint16")
 _UINT32_MAX = int(np.iinfo(np.uint32).max)
-
-
-class IngestError(ValueError):
-    """A slide cannot be ingested; the message starts with the offending file's path."""
 
 
 class IngestConfig(BaseModel):
@@ -87,27 +88,6 @@ class IngestConfig(BaseModel):
         )
 
 
-class SlideSource(BaseModel):
-    """One slide to ingest: an image file, its optional label image, and the page of a stack."""
-
-    model_config = ConfigDict(frozen=True)
-
-    image: Path
-    labels: Path | None = None
-    page: int | None = Field(default=None, ge=0)
-
-    @property
-    def name(self) -> str:
-        """Store name without `.zarr`: the file name less its extension(s), plus `-pNNN`."""
-        stem = self.image.name
-        for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
-            if stem.lower().endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
-        stem = stem.removesuffix(".ome")
-        return stem if self.page is None else f"{stem}-p{self.page:03d}"
-
-
 class IngestResult(BaseModel):
     """What happened to one slide."""
 
@@ -119,98 +99,6 @@ class IngestResult(BaseModel):
     shape: tuple[int, int, int] | None = None
     checksum: str | None = None
     mb_written: float = 0.0
-
-
-# --- sources ------------------------------------------------------------------------------
-
-
-def _find_label(image: Path, name: str) -> Path | None:
-    candidates = [image.with_name(name + s) for s in LABEL_SUFFIXES]
-    candidates += [image.parent / folder / name for folder in LABEL_FOLDERS]
-    if image.parent.name in ("images", "image"):
-        candidates += [image.parent.parent / folder / name for folder in LABEL_FOLDERS]
-    for stem in candidates:
-        for ext in sorted({image.suffix, *SUPPORTED_SUFFIXES}, key=lambda e: e != image.suffix):
-            path = stem.with_name(stem.name + ext)
-            if path.is_file():
-                return path
-    return None
-
-
-def expand_pages(source: SlideSource) -> list[SlideSource]:
-    """A multi-page TIFF stack without a page becomes one source per page; others stay."""
-    if source.page is not None:
-        return [source]
-    try:
-        n_pages = page_count(source.image)
-    except ReaderError as exc:
-        raise IngestError(str(exc)) from exc
-    if n_pages == 1:
-        return [source]
-    return [source.model_copy(update={"page": p}) for p in range(n_pages)]
-
-
-def discover_sources(folder: str | Path) -> list[SlideSource]:
-    """The slides in `folder` (not recursive), sorted by name, stacks expanded into pages.
-
-    A file `<name>.<ext>` with a supported extension is a slide; its label image is the first
-    that exists of `<name>_labels.*`, `<name>_mask.*`, `labels|label|masks|mask/<name>.*` in
-    the folder and, when the folder is called `images` or `image`, the same sub-folders beside
-    it (`train/image/0.png` pairs with `train/label/0.png`). The label extension may differ
-    from the image's (a TIFF slide with a PNG mask). Files ending in `_labels`/`_mask` are
-    labels, never slides. Unreadable files are listed as they are, for ingestion to report.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise IngestError(f"{folder}: not a folder")
-    sources = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        name = SlideSource(image=path).name
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES or name.endswith(LABEL_SUFFIXES):
-            continue
-        source = SlideSource(image=path, labels=_find_label(path, name))
-        try:
-            sources.extend(expand_pages(source))
-        except IngestError:  # unreadable: kept whole, so ingesting it reports the problem
-            sources.append(source)
-    return sources
-
-
-def _source_files(path: Path) -> list[Path]:
-    """The files a slide's pixels come from: MIRAX keeps them in a folder beside the .mrxs."""
-    files = [path]
-    companion = path.with_suffix("")
-    if path.suffix.lower() == ".mrxs" and companion.is_dir():
-        files += sorted(p for p in companion.rglob("*") if p.is_file())
-    return files
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_checksums(source: SlideSource) -> dict[str, str]:
-    """sha256 of every source file, streamed; keys are the file paths."""
-    paths = _source_files(source.image) + ([source.labels] if source.labels else [])
-    try:
-        return {str(p): _sha256(p) for p in paths}
-    except OSError as exc:
-        raise IngestError(f"{exc.filename or source.image}: cannot read ({exc.strerror})") from exc
-
-
-def _combined_checksum(files: dict[str, str], source: SlideSource) -> str:
-    """One sha256 over the files' contents, roles and the page (not the paths: a moved
-    archive is not re-ingested)."""
-    roles = ["labels" if path == str(source.labels) else "image" for path in files]
-    parts = [f"{role}:{digest}" for role, digest in zip(roles, files.values(), strict=True)]
-    parts.append(f"page:{source.page}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 # --- region tasks (run on Dask workers; they open their own readers) ----------------------
@@ -273,14 +161,6 @@ def _build_pyramid(
 
 
 # --- one slide ----------------------------------------------------------------------------
-
-
-def _remove_stale(out_dir: Path, store_name: str) -> None:
-    """Remove temporary and superseded copies of this store left by runs that died."""
-    for path in out_dir.glob(f".{store_name}.*-*"):
-        pid = path.name.rpartition("-")[2]
-        if pid.isdigit() and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid))):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _existing_metadata(store: Path) -> dict | None:
@@ -464,17 +344,6 @@ def _size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    """Move `tmp` to `final`; an older `final` is renamed aside first, then removed."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old)
-
-
 def ingest_slide(
     source: SlideSource,
     out_dir: str | Path,
@@ -487,13 +356,13 @@ def ingest_slide(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     final = out_dir / f"{source.name}.zarr"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out_dir, final.name)
+    writable_folder(out_dir)
+    remove_stale_siblings(final)
     for path in (source.image, source.labels):
         if path is not None and not path.exists():
             raise IngestError(f"{path}: no such file")
     files = file_checksums(source)
-    checksum = _combined_checksum(files, source)
+    checksum = source_checksum(files, source)
     existing = _existing_metadata(final)
     if (
         not config.overwrite
@@ -511,11 +380,12 @@ def ingest_slide(
             shape=tuple(existing["shape"]),
             checksum=checksum,
         )
-    tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
+    refuse_links(final)
+    tmp = temporary_sibling(final)
     try:
         shape = _write_store(tmp, source, files, checksum, config, client)
         mb = _size_mb(tmp)
-        _replace(tmp, final)
+        install(tmp, final)
     except IngestError:
         raise
     except ValueError as exc:  # ReaderError and friends already name their file
@@ -578,12 +448,12 @@ def ingest_archive(
             expanded.extend(expand_pages(source))
         except IngestError as exc:
             expanded.append(_failed(source, out_dir / f"{source.name}.zarr", str(exc), started))
-    owners: dict[str, int] = {}
-    for i, item in enumerate(expanded):
-        if isinstance(item, SlideSource) and owners.setdefault(item.name, i) != i:
-            owner = expanded[owners[item.name]]
-            error = f"{item.image}: store name {item.name}.zarr is already used by {owner.image}"
-            expanded[i] = _failed(item, out_dir / f"{item.name}.zarr", error, started)
+    if not expanded:
+        raise IngestError("no slides given: name at least one slide")
+    slides = [i for i, item in enumerate(expanded) if isinstance(item, SlideSource)]
+    for position, error in name_clashes([expanded[i] for i in slides]).items():
+        item = expanded[slides[position]]
+        expanded[slides[position]] = _failed(item, out_dir / f"{item.name}.zarr", error, started)
     todo = [i for i, item in enumerate(expanded) if isinstance(item, SlideSource)]
     with (
         nullcontext(client) if client is not None else dask_client(config.cluster) as cluster,

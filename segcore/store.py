@@ -180,6 +180,9 @@ class SlideStore:
             group = zarr.open_group(path, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(f"{path}: not a Zarr group ({exc})") from exc
+        except ValueError as exc:  # zarr.json that is not JSON, or not Zarr's
+            detail = " ".join(str(exc).split())
+            raise StoreError(f"{path}: unreadable zarr.json ({detail})") from exc
         if METADATA_KEY not in group.attrs:
             raise StoreError(f"{path}: not a segflow slide store (no '{METADATA_KEY}' metadata)")
         found = dict(group.attrs[METADATA_KEY]).get("store_format", 1)
