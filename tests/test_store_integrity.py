@@ -226,6 +226,7 @@ def test_a_16_bit_slide_is_recorded_and_refused_by_an_8_bit_model(tmp_path, mode
         open_training_store(result.store, with_weight=False)
 
 
+@pytest.mark.slow  # ~30 s, most of it starting a temporary Prefect server
 @pytest.mark.integration
 def test_commands_end_in_one_line_naming_the_array_and_chunk(
     pristine, tmp_path, model_file, capsys, monkeypatch
