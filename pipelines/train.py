@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from pipelines.config import ConfigError, load_config
 from pipelines.redaction import redact_text
+from pipelines.services import require_mlflow
 from pipelines.training.config import Normalization, TrainConfig
 from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
 from pipelines.training.module import UNetModule, ValidateAtEnd
@@ -201,6 +202,7 @@ def _finish_run(
 
 def train(config: TrainConfig) -> TrainResult:
     """Train, checkpoint, track and register one U-Net as `config` says."""
+    require_mlflow(config.resolved_tracking_uri)  # before any work: a dead server fails now
     pl.seed_everything(config.seed, workers=True, verbose=False)
     config.workdir.mkdir(parents=True, exist_ok=True)
     resume: ResumePoint | None = None
