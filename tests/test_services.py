@@ -86,6 +86,7 @@ def test_a_dead_scheduler_is_one_line_within_its_timeout(dead_port):
     assert str(error.value).startswith(f"cannot reach the Dask scheduler at {address} (")
 
 
+@pytest.mark.slow  # ~30 s: starts a Prefect server
 @pytest.mark.integration
 def test_the_command_line_reports_dead_services_within_seconds(dead_port, tmp_path, capsys):
     store = make_store(tmp_path / "s.zarr", smooth_image((64, 64), seed=1))

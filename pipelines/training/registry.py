@@ -1,8 +1,9 @@
 """Logging the trained U-Net to MLflow and moving the registry aliases.
 
-The model is saved in MLflow's "pt2" format (torch.export: a traced graph that loads without
-unpickling code) with dynamic batch and spatial sizes, a tensor signature, and the geometry and
-U-Net configuration as metadata, from which `pipelines.models.load_model` rebuilds a `UNet`.
+The model is saved in MLflow's "pt2" format (a torch.export archive: the traced graph, with the
+weights as raw tensor records) with dynamic batch and spatial sizes, a tensor signature, and the
+geometry and U-Net configuration as metadata, from which `pipelines.models.load_model` rebuilds
+a `UNet` and reads only those weight records (torch.export.load would unpickle parts of it).
 The new version gets alias `candidate`; `champion` moves to it when its validation IoU beats
 the current champion's (recorded as the version tag `val_iou`), or when there is no champion.
 """
