@@ -8,13 +8,13 @@ second one unwound the interpreter while torch's native threads still ran, whose
 aborted the process (`terminate called without an active exception`, SIGABRT).
 
 Here the C-level handler's wake-up byte (`signal.set_wakeup_fd`) wakes a watcher thread at once.
-It runs the cleanups registered with `on_interrupt` (newest first: cancel the Prefect flow run,
-mark MLflow runs KILLED, stop the temporary Prefect server), ends the command's child processes
-(DataLoader and Dask workers, DDP ranks), prints one line and leaves with `os._exit(128 + n)`,
-skipping the interpreter teardown that aborted. Work in flight is abandoned, which every stage
-survives: stages move outputs into place only when complete, inference journals finished
-blocks, and training resumes from its last checkpoint. A second signal, or cleanups running past
-`DEADLINE_SECONDS`, skips what is left.
+It freezes the command's child processes (DataLoader and Dask workers, DDP ranks), runs the
+cleanups registered with `on_interrupt` (newest first: cancel the Prefect flow run, mark MLflow
+runs KILLED, stop the temporary Prefect server), kills the frozen children, prints one line and
+leaves with `os._exit(128 + n)`, skipping the interpreter teardown that aborted. Work in
+flight is abandoned, which every stage survives: stages move outputs into place only when
+complete, inference journals finished blocks, and training resumes from its last checkpoint.
+A second signal, or cleanups running past `DEADLINE_SECONDS`, skips what is left.
 
 The handling is installed by the command line's `main` only (signal dispositions belong to the
 process's owner); with none installed, `on_interrupt` does nothing, as for library callers.
@@ -37,8 +37,6 @@ import psutil
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Cleanups and child processes together get this long before the process exits regardless.
 DEADLINE_SECONDS = 10.0
-#: How long child processes get to stop after SIGTERM before SIGKILL.
-CHILD_GRACE_SECONDS = 3.0
 
 #: A cleanup takes the reason, e.g. "interrupted (SIGINT)".
 Cleanup = Callable[[str], None]
@@ -50,20 +48,25 @@ class Interrupts:
     def __init__(self, stderr: TextIO) -> None:
         self._stderr = stderr
         self._cleanups: list[Cleanup] = []
+        self._spared: list[int] = []
         self._lock = threading.Lock()
         self._exiting = False
         self._started = threading.Event()
         self._reader, self._writer = socket.socketpair()
         self._writer.setblocking(False)  # the C handler must never block
 
-    def add(self, cleanup: Cleanup) -> None:
+    def add(self, cleanup: Cleanup, spare: int | None) -> None:
         with self._lock:
             self._cleanups.append(cleanup)
+            if spare is not None:
+                self._spared.append(spare)
 
-    def remove(self, cleanup: Cleanup) -> None:
+    def remove(self, cleanup: Cleanup, spare: int | None) -> None:
         with self._lock:
             if cleanup in self._cleanups:
                 self._cleanups.remove(cleanup)
+            if spare in self._spared:
+                self._spared.remove(spare)
 
     def watch(self) -> None:
         """The watcher thread: the first signal starts the shutdown, a second one (or the
@@ -74,7 +77,7 @@ class Interrupts:
         self._started.set()
         threading.Thread(target=self._shut_down, args=(first,), daemon=True).start()
         second = self._next_signal(DEADLINE_SECONDS)
-        self._exit(first, second or first, kill=True)
+        self._exit(first, second or first)
 
     @property
     def interrupted(self) -> bool:
@@ -104,35 +107,36 @@ class Interrupts:
         reason = f"interrupted ({signal.Signals(signum).name})"
         with self._lock:
             cleanups = list(reversed(self._cleanups))
+            spared = set(self._spared)
+        # Frozen first: a DataLoader worker that vanished would make training fail its MLflow
+        # run (FAILED) after the cleanup marked it KILLED; frozen, it only keeps training waiting.
+        signal_children(signal.SIGSTOP, spared)
         for cleanup in cleanups:
             try:
                 cleanup(reason)
             except Exception as exc:  # the others and the exit must still happen
                 print(f"segflow: while stopping: {type(exc).__name__}: {exc}", file=self._stderr)
-        self._exit(signum, signum, kill=False)
+        self._exit(signum, signum)
 
-    def _exit(self, signum: int, latest: int, kill: bool) -> None:
+    def _exit(self, signum: int, latest: int) -> None:
         with self._lock:
             if self._exiting:
                 return
             self._exiting = True
-        end_children(0 if kill else CHILD_GRACE_SECONDS)
+        signal_children(signal.SIGKILL, set())
         print(f"segflow: interrupted ({signal.Signals(latest).name})", file=self._stderr)
         self._stderr.flush()
         sys.stdout.flush()
         os._exit(128 + signum)
 
 
-def end_children(grace: float) -> None:
-    """SIGTERM every descendant process, then SIGKILL those still there after `grace` s."""
-    children = psutil.Process().children(recursive=True)
-    for child in children:
+def signal_children(signum: int, spared: set[int]) -> None:
+    """Send `signum` to every descendant process but the `spared` ones and theirs."""
+    for child in psutil.Process().children(recursive=True):
         with suppress(psutil.NoSuchProcess):
-            child.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
-    _, alive = psutil.wait_procs(children, timeout=grace)
-    for child in alive:
-        with suppress(psutil.NoSuchProcess):
-            child.kill()
+            if child.pid in spared or spared & {p.pid for p in child.parents()}:
+                continue
+            child.send_signal(signum)
 
 
 _installed: ContextVar[Interrupts | None] = ContextVar("segflow_interrupts", default=None)
@@ -172,15 +176,16 @@ def handling(stderr: TextIO = sys.stderr) -> Iterator[Interrupts | None]:
 
 
 @contextmanager
-def on_interrupt(cleanup: Cleanup) -> Iterator[None]:
+def on_interrupt(cleanup: Cleanup, spare: int | None = None) -> Iterator[None]:
     """Run `cleanup(reason)` if the process is interrupted while the block runs (with no
-    handling installed, nothing happens)."""
+    handling installed, nothing happens). `spare`: a child process (a server the cleanups
+    still talk to) that the cleanup ends itself, so it is not frozen before."""
     interrupts = _installed.get()
     if interrupts is None:
         yield
         return
-    interrupts.add(cleanup)
+    interrupts.add(cleanup, spare)
     try:
         yield
     finally:
-        interrupts.remove(cleanup)
+        interrupts.remove(cleanup, spare)

@@ -116,6 +116,6 @@ def prefect_session(runtime: Runtime, env: Mapping[str, str]) -> Iterator[str]:
         server = serving(prefect_database_url(runtime), SERVER_STARTUP_SECONDS)
         with (
             prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: server.api_url}),
-            on_interrupt(lambda reason: server.stop()),
+            on_interrupt(lambda reason: server.stop(), spare=server.server_process.pid),
         ):
             yield server.api_url
