@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import zarr
 from flow_helpers import prefect_api
 from PIL import Image
 
@@ -302,6 +303,81 @@ def weights_store_metadata_garbage(w: World):
     return ["weights", str(store), *WEIGHTS], [str(store)]
 
 
+def _flip_a_byte(chunk: Path) -> None:
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def weights_missing_label_chunk(w: World):
+    store = w.store()
+    (store / "labels/annotations/0/c/1/0").unlink()
+    return ["weights", str(store), *WEIGHTS], [
+        f"{store}/labels/annotations/0: chunk c/1/0: missing"
+    ]
+
+
+def weights_corrupt_label_chunk(w: World):
+    store = w.store()
+    _flip_a_byte(store / "labels/annotations/0/c/0/1")
+    return ["weights", str(store), *WEIGHTS], [
+        f"{store}/labels/annotations/0: chunk c/0/1: corrupt"
+    ]
+
+
+def weights_missing_label_metadata(w: World):
+    store = w.store()
+    (store / "labels/annotations/0/zarr.json").unlink()
+    return ["weights", str(store), *WEIGHTS], [
+        f"{store}/labels/annotations/0: missing array metadata"
+    ]
+
+
+def weights_store_of_an_older_format(w: World):
+    store = w.store()
+    root = zarr.open_group(store, mode="r+")
+    root.attrs["segflow"] = {**root.attrs["segflow"], "store_format": 1}
+    return ["weights", str(store), *WEIGHTS], [f"{store}: store format 1", "ingest the slide again"]
+
+
+def infer_missing_image_chunk(w: World):
+    store = w.store()
+    (store / "0/c/0/1/0").unlink()
+    argv = ["infer", str(store), "--model", str(w.model), *INFER]
+    return argv, [f"{store}/0: chunk c/0/1/0: missing"]
+
+
+def infer_corrupt_image_chunk(w: World):
+    store = w.store()
+    _flip_a_byte(store / "0/c/0/0/1")
+    argv = ["infer", str(store), "--model", str(w.model), *INFER]
+    return argv, [f"{store}/0: chunk c/0/0/1: corrupt"]
+
+
+def infer_missing_image_metadata(w: World):
+    store = w.store()
+    (store / "0/zarr.json").unlink()
+    argv = ["infer", str(store), "--model", str(w.model), *INFER]
+    return argv, [f"{store}/0: missing array metadata"]
+
+
+def infer_sixteen_bit_slide(w: World):
+    pixels = np.random.default_rng(2).integers(100, 4096, (256, 256, 3), dtype=np.uint16)
+    tifffile.imwrite(w.inputs / "deep.tif", pixels, photometric="rgb")
+    config = IngestConfig(chunk_size=128, min_level_size=64)
+    store = ingest_slide(SlideSource(image=w.inputs / "deep.tif"), w.stores, config).store
+    argv = ["infer", str(store), "--model", str(w.model), *INFER]
+    return argv, [f"{store}: image is uint16", "takes uint8 pixels"]
+
+
+def train_missing_weight_chunk(w: World):
+    store = w.store()
+    (store / "training/weight/c/0/0").unlink()
+    return ["train", str(store), "num_workers=0", "max_steps=2"], [
+        f"{store}/training/weight: chunk c/0/0: missing"
+    ]
+
+
 def train_nothing(w: World):
     return ["train", *w.common()], ["invalid TrainConfig: stores:"]
 
@@ -429,16 +505,25 @@ CASES: list[tuple[Callable[[World], tuple], int]] = [
     (weights_unlabelled_store, 1),
     (weights_not_a_segflow_store, 1),
     (weights_store_metadata_garbage, 1),
+    (weights_missing_label_chunk, 1),
+    (weights_corrupt_label_chunk, 1),
+    (weights_missing_label_metadata, 1),
+    (weights_store_of_an_older_format, 1),
     (train_nothing, 2),
     (train_store_missing, 2),
     (train_store_without_zarr_json, 2),
     (train_unknown_setting, 2),
+    (train_missing_weight_chunk, 1),
     (infer_empty_folder, 2),
     (infer_store_without_zarr_json, 2),
     (infer_missing_model_file, 2),
     (infer_model_file_garbage, 1),
     (infer_model_file_that_would_run_code, 1),
     (infer_unregistered_model, 1),
+    (infer_missing_image_chunk, 1),
+    (infer_corrupt_image_chunk, 1),
+    (infer_missing_image_metadata, 1),
+    (infer_sixteen_bit_slide, 1),
     (infer_empty_archive, 2),
     (infer_missing_archive, 2),
     (run_missing_archive, 2),

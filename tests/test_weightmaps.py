@@ -8,7 +8,8 @@ import zarr
 
 import pipelines.weightmaps as weightmaps
 from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.ingest import IngestConfig, SlideSource, ingest_slide
+from pipelines.ingest import IngestConfig, ingest_slide
+from pipelines.sources import SlideSource
 from pipelines.weightmaps import WeightsConfig, WeightsError, compute_weight_maps
 from segcore import ngff
 from segcore.store import STORE_FORMAT, SlideStore, StoreError
