@@ -60,8 +60,6 @@ DEMO_CONFIG = {
         "num_workers": 0,
         "optimizer": {"name": "adamw", "lr": 0.003},
         "loss": "weighted_ce",
-        "experiment": "segflow-demo",
-        "registered_model_name": "segflow-demo",
     },
     "infer": {"batch_size": 4},
     "holdout": 1,

@@ -33,12 +33,13 @@ from pipelines.ingest import IngestConfig
 from pipelines.redaction import redact_text, redact_uri
 from pipelines.sources import find_slides, find_stores
 from pipelines.train import TrainConfig, TrainResult
+from pipelines.training.config import DEFAULT_MODEL_NAME
 from pipelines.weightmaps import WeightsConfig
 from segcore.store import SlideStore
 
 #: Slides in flight at once per stage; chunk-level parallelism is Dask's, inside each task.
 SLIDES_AT_ONCE = 2
-CHAMPION = "models:/segflow-unet@champion"
+CHAMPION = f"models:/{DEFAULT_MODEL_NAME}@champion"
 
 
 class TrainSettings(TrainConfig):

@@ -12,6 +12,9 @@ from segcore.augment import AugmentConfig
 from segcore.geometry import Padding
 
 LossName = Literal["weighted_ce", "ce", "weighted_ce+dice"]
+#: The registered model every stage trains into and segments with unless told otherwise, so
+#: `segflow demo`, `segflow train` and `segflow infer` meet at one `champion` alias.
+DEFAULT_MODEL_NAME = "segflow-unet"
 
 
 class ModelConfig(BaseModel):
@@ -121,8 +124,8 @@ class TrainConfig(BaseModel):
     # <workdir>/mlartifacts; MLFLOW_TRACKING_URI is read here, once, when the config is built.
     workdir: Path = Path("segflow-work")
     tracking_uri: str | None = Field(default_factory=_tracking_uri_from_environment)
-    experiment: str = "segflow-unet"
-    registered_model_name: str = "segflow-unet"
+    experiment: str = DEFAULT_MODEL_NAME
+    registered_model_name: str = DEFAULT_MODEL_NAME
     run_name: str | None = None
     resume: bool = False
 
