@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
 
-from pipelines.services import mlflow_client
+from pipelines.services import MissingStoreError, mlflow_client
 
 
 class ModelNotFoundError(ValueError):
@@ -18,9 +18,10 @@ def pin_model(uri: str, tracking_uri: str | None) -> str:
     if not uri.startswith("models:/") or "@" not in uri:
         return uri
     name, _, alias = uri.removeprefix("models:/").partition("@")
-    client = mlflow_client(tracking_uri)
     try:
-        version = client.get_model_version_by_alias(name, alias).version
+        version = mlflow_client(tracking_uri).get_model_version_by_alias(name, alias).version
+    except MissingStoreError as exc:
+        raise ModelNotFoundError(f"{uri}: no such model version ({exc})") from exc
     except MlflowException as exc:
         raise ModelNotFoundError(f"{uri}: no such model version ({exc.message})") from exc
     return f"models:/{name}/{version}"

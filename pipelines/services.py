@@ -12,6 +12,8 @@ line within seconds, without touching either library's process-wide settings.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import requests
 from distributed import Client
@@ -27,6 +29,10 @@ MLFLOW_READ_TIMEOUT_S = 10.0
 
 class ServiceUnreachableError(ValueError):
     """A tracking server or Dask scheduler that does not answer."""
+
+
+class MissingStoreError(ValueError):
+    """A tracking store to read from that does not exist."""
 
 
 def require_mlflow(tracking_uri: str | None) -> None:
@@ -53,10 +59,29 @@ def require_mlflow(tracking_uri: str | None) -> None:
 
 
 def mlflow_client(tracking_uri: str | None) -> MlflowClient:
-    """A client whose tracking and registry URIs are both `tracking_uri`, once the server
-    (if it is one) has answered."""
+    """A client, for reading, whose tracking and registry URIs are both `tracking_uri`, once
+    the server (if it is one) has answered.
+
+    A `sqlite:///` store whose database file does not exist holds no run and no model, and
+    MLflow would create it on the first request: a failed lookup would leave an empty
+    database behind, so it is refused instead (`MissingStoreError`).
+    """
     require_mlflow(tracking_uri)
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    database = _sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise MissingStoreError(
+            f"no MLflow store at {redact_uri(uri)} yet (nothing has been trained there)"
+        )
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///<path>` URI; None for other stores and in-memory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def connect_scheduler(address: str, timeout_s: float) -> Client:
