@@ -41,6 +41,8 @@ def run_flow(flow: Flow, runtime: Runtime, verbose: bool = False, **parameters) 
         flow_runs.append(flow_run.id)
 
     def end_training(reason: str) -> None:
+        if runtime.tracking_uri is None and not (runtime.workdir / "mlflow.db").exists():
+            return  # nothing tracked yet; creating the embedded store takes seconds
         end_process_runs(runtime.mlflow_uri)
 
     with (

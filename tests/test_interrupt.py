@@ -48,6 +48,7 @@ THREADS = ["cluster.processes=false"]
 
 
 def _ingested(folder: Path, name: str, size: int, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     slide, labels = folder / f"{name}.tif", folder / f"{name}_labels.tif"
     write_synthetic_slide(slide, labels, size, size, seed)
     config = IngestConfig(chunk_size=128, min_level_size=64, cluster={"processes": False})
