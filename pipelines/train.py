@@ -38,6 +38,7 @@ from pipelines.training.tracking import (
     RunTracker,
     find_resume_point,
     learning_curve,
+    unique_run_name,
 )
 from segcore.checkpoint import save_unet
 from segcore.geometry import UNetGeometry
@@ -239,7 +240,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     logger = MLFlowLogger(
         experiment_name=config.experiment,
-        run_name=config.run_name,
+        run_name=config.run_name or unique_run_name(config.registered_model_name),
         tracking_uri=config.resolved_tracking_uri,
         artifact_location=config.artifact_location,
         run_id=resume.run_id if resume else None,

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -40,6 +42,16 @@ LAST_CHECKPOINT = "last.ckpt"
 #: MLflow accepts up to 6000 characters per param value.
 PARAM_VALUE_LIMIT = 6000
 OVERLAY_MAX_SIDE = 1024
+
+
+def unique_run_name(registered_name: str, now: datetime | None = None) -> str:
+    """`<registered name>-<UTC time>-<4 hex digits>`, e.g. `segflow-unet-20250301-141502-9f3a`.
+
+    MLflow's generated names come from `random`, which the training seed fixes, so every run
+    had the same one; the suffix comes from `secrets`, which no seed touches, so two runs
+    started in the same second still differ."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+    return f"{registered_name}-{stamp}-{secrets.token_hex(2)}"
 
 
 def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
