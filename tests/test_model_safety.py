@@ -15,6 +15,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import numpy as np
@@ -68,46 +69,53 @@ class Registry:
     good_run_id: str
 
 
+def _fill(root: Path, uri: str, marker: Path) -> Registry:
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("safety", artifact_location=str(root / "artifacts"))
+    unet_config = UNet(3, 2, base_channels=4, depth=3, dropout=0.0).config.to_dict()
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.pytorch.log_model(
+            Trap(marker),
+            name="evil",
+            serialization_format="pickle",
+            metadata={"unet_config": unet_config},
+            pip_requirements=["torch"],
+            registered_model_name="evil-unet",
+        )
+        mlflow.pyfunc.log_model(
+            name="pyfunc",
+            python_model=PyfuncTrap(marker),
+            metadata={"unet_config": unet_config},
+            pip_requirements=["torch"],
+        )
+    client.set_registered_model_alias("evil-unet", "champion", "1")
+
+    torch.manual_seed(3)
+    good = UNet(3, 2, base_channels=4, depth=3, dropout=0.0).eval()
+    weights = root / "good.pt"
+    save_unet(good, weights)
+    with mlflow.start_run(experiment_id=experiment) as good_run:
+        pass
+    metadata = {"unet_config": good.config.to_dict()}
+    log_and_register(uri, good_run.info.run_id, good, metadata, "unet", 0.5, weights)
+    return Registry(uri, marker, run.info.run_id, good, good_run.info.run_id)
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
     marker = root / "PWNED"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # the fluent logging API has no other way to be told
-    try:
-        client = MlflowClient(uri)
-        experiment = client.create_experiment("safety", artifact_location=str(root / "artifacts"))
-        unet_config = UNet(3, 2, base_channels=4, depth=3, dropout=0.0).config.to_dict()
-        with mlflow.start_run(experiment_id=experiment) as run:
-            mlflow.pytorch.log_model(
-                Trap(marker),
-                name="evil",
-                serialization_format="pickle",
-                metadata={"unet_config": unet_config},
-                pip_requirements=["torch"],
-                registered_model_name="evil-unet",
-            )
-            mlflow.pyfunc.log_model(
-                name="pyfunc",
-                python_model=PyfuncTrap(marker),
-                metadata={"unet_config": unet_config},
-                pip_requirements=["torch"],
-            )
-        client.set_registered_model_alias("evil-unet", "champion", "1")
-
-        torch.manual_seed(3)
-        good = UNet(3, 2, base_channels=4, depth=3, dropout=0.0).eval()
-        weights = root / "good.pt"
-        save_unet(good, weights)
-        with mlflow.start_run(experiment_id=experiment) as good_run:
-            pass
-        metadata = {"unet_config": good.config.to_dict()}
-        log_and_register(uri, good_run.info.run_id, good, metadata, "unet", 0.5, weights)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # The fluent logging API (and log_and_register) reads the process-wide URI, which
+    # set_tracking_uri also writes to MLFLOW_TRACKING_URI: both are put back afterwards.
+    with mock.patch.dict(os.environ):
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        try:
+            filled = _fill(root, uri, marker)
+        finally:
+            mlflow.set_tracking_uri(None)  # back to MLFLOW_TRACKING_URI as it was
     assert not marker.exists()  # logging never unpickles
-    return Registry(uri, marker, run.info.run_id, good, good_run.info.run_id)
+    return filled
 
 
 def test_the_trap_springs_in_mlflows_own_loader(registry):
