@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from distributed import Client
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
@@ -30,6 +29,7 @@ from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.infer import InferConfig, InferResult
 from pipelines.ingest import IngestConfig, IngestResult
 from pipelines.redaction import redact_text
+from pipelines.services import mlflow_client
 from pipelines.sources import SlideSource, name_clashes
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.weightmaps import WeightsConfig, WeightsResult
@@ -176,7 +176,7 @@ def registered(result: TrainResult, tracking_uri: str) -> bool:
     """Whether the model version a training result names is still in the registry."""
     if result.registered_name is None or result.version is None:
         return False
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         client.get_model_version(result.registered_name, result.version)
     except MlflowException:
