@@ -31,6 +31,7 @@ from pipelines.training.config import Normalization, TrainConfig
 from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
 from pipelines.training.module import UNetModule, ValidateAtEnd
 from pipelines.training.normalization import estimate_normalization
+from pipelines.training.progress import ProgressLog
 from pipelines.training.registry import log_and_register, model_metadata
 from pipelines.training.tracking import (
     LAST_CHECKPOINT,
@@ -247,6 +248,8 @@ def train(config: TrainConfig) -> TrainResult:
     )
     # Every time, not only at creation: a resumed run was started by another process.
     logger.experiment.set_tag(logger.run_id, PROCESS_TAG, process_identity())
+    # Lightning's live bar on a terminal; plain progress lines in a log or a pipe.
+    live_bar = sys.stderr.isatty()
     trainer = pl.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
@@ -265,11 +268,12 @@ def train(config: TrainConfig) -> TrainResult:
             ValidateAtEnd(),
             LearningRateMonitor(logging_interval="step"),
             *checkpoints,
+            *([] if live_bar else [ProgressLog(sys.stderr)]),
         ],
         default_root_dir=config.workdir,
         # TileSampler shards by rank itself; Lightning must not wrap it.
         use_distributed_sampler=False,
-        enable_progress_bar=sys.stderr.isatty(),
+        enable_progress_bar=live_bar,
         enable_model_summary=False,
     )
     trainer.fit(
