@@ -42,8 +42,8 @@ from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.inference.report import RunProgress, print_summary, run_progress
 from pipelines.inference.source import resolve_model
 from pipelines.sources import find_stores
-from pipelines.training.data import INPUT_DTYPE
 from segcore.geometry import UNetGeometry
+from segcore.normalization import INPUT_DTYPE
 from segcore.store import SlideStore
 
 #: Bumped when the bytes a run writes change for the same model and settings.

@@ -11,7 +11,7 @@ unpickles parts of the archive. Files go through `segcore.checkpoint.load_unet`
 (weights_only=True). Whatever the source, the returned `UNet` is in eval mode and takes raw
 pixel values, uint8 cast to float (0..255), channels first, as `segcore.tiling.predict_tiled`
 passes them: training folded its normalisation into the first convolution
-(pipelines.training.normalization).
+(segcore.normalization).
 
     load_model("models:/segflow-unet@champion")      # alias
     load_model("models:/segflow-unet/3")             # version
@@ -33,10 +33,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.pt2_weights import Pt2ArchiveError, pt2_state_dict
 from pipelines.services import mlflow_client
-from pipelines.training.config import Normalization
-from pipelines.training.normalization import fold_normalization
 from segcore.checkpoint import CheckpointError, load_unet
 from segcore.model import UNet, UNetConfig
+from segcore.normalization import Normalization, fold_normalization
 
 #: What mlflow.pytorch writes in the model's data folder: a torch.export archive ("pt2"), or a
 #: torch.save pickle of the whole module ("pickle").

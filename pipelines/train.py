@@ -43,6 +43,7 @@ from pipelines.training.tracking import (
 )
 from segcore.checkpoint import save_unet
 from segcore.geometry import UNetGeometry
+from segcore.normalization import Normalization
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "end_process_runs", "main", "train"]
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from segcore.augment import AugmentConfig
 from segcore.geometry import Padding
+from segcore.normalization import Normalization
 
 LossName = Literal["weighted_ce", "ce", "weighted_ce+dice"]
 #: The registered model every stage trains into and segments with unless told otherwise, so
@@ -41,27 +42,6 @@ class OptimizerConfig(BaseModel):
     momentum: float = Field(default=0.99, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     schedule: Literal["none", "cosine", "onecycle"] = "none"
-
-
-class Normalization(BaseModel):
-    """Per-channel mean and std of the training images scaled to [0, 1].
-
-    The network sees (pixel / 255 - mean) / std; exported models take raw 0..255 values because
-    this affine map is folded into their first convolution (pipelines.training.normalization).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    mean: list[float]
-    std: list[float]
-
-    @model_validator(mode="after")
-    def _same_length(self) -> Normalization:
-        if len(self.mean) != len(self.std) or not self.mean:
-            raise ValueError("normalization mean and std need one value per channel")
-        if min(self.std) <= 0:
-            raise ValueError("normalization std must be positive")
-        return self
 
 
 class ValRegion(BaseModel):

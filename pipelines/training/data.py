@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.training.config import TrainConfig
 from segcore.geometry import UNetGeometry
+from segcore.normalization import INPUT_DTYPE
 from segcore.store import SlideStore, read_checked
 from segcore.tiling import TilePlan, plan_tiles, reflect_indices
 
 #: The pixel type training reads; exported models take these raw values (0..255) as float,
 #: and inference refuses slides of any other type rather than feed them unscaled.
-INPUT_DTYPE = np.dtype(np.uint8)
 
 
 class TrainingDataError(ValueError):

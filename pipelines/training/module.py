@@ -18,12 +18,12 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from pipelines.training.config import Normalization
-from pipelines.training.normalization import InputNormalizer, RawInputUNet, fold_normalization
+from pipelines.training.normalization import RawInputUNet
 from segcore.augment import AugmentConfig, augment_batch
 from segcore.losses import combined_loss, weighted_cross_entropy
 from segcore.metrics import segmentation_scores
 from segcore.model import UNet
+from segcore.normalization import InputNormalizer, Normalization, fold_normalization
 from segcore.tiling import plan_tiles, predict_padded
 
 #: Validation metrics, in the order they are summed across ranks.

@@ -23,8 +23,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from pipelines.training.config import Normalization
-from pipelines.training.data import INPUT_DTYPE, TileShape
+from pipelines.training.data import TileShape
 from segcore.model import UNet
+from segcore.normalization import INPUT_DTYPE
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
