@@ -305,13 +305,13 @@ def _run(args, runtime, flow, **parameters) -> int:
     """Run `flow` with progress bars, print its table, and exit 1 if any slide failed."""
     from rich.console import Console
 
-    from flows.console import summary_table
+    from flows.console import print_report
     from flows.runner import run_flow
     from pipelines.storage import writable_folder
 
     writable_folder(runtime.workdir)
     outcome = run_flow(flow, runtime, verbose=args.verbose, **parameters)
-    Console().print(summary_table(outcome.summary))
+    print_report(Console(), outcome.summary, runtime.mlflow_uri)
     print(f"stores: {runtime.stores_dir}\nMLflow: {redact_uri(runtime.mlflow_uri)}")
     print(f"Prefect flow run: {outcome.flow_run_id}")
     for failure in outcome.summary.failures:

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 from prefect.logging.handlers import PrefectConsoleHandler
 from rich.console import Console
@@ -19,8 +20,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from flows.outcomes import STAGES, RunSummary, StageOutcome
+from flows.outcomes import STAGES, RunSummary, StageOutcome, TrainedModel
 
 #: Loggers with handlers of their own: the root (Prefect's console handler) and MLflow's.
 QUIET_LOGGERS = ("", "mlflow")
@@ -92,6 +94,53 @@ def summary_table(summary: RunSummary) -> Table:
         problems = "; ".join(o.detail for o in row.values() if o.failed and o.detail)
         table.add_row(slide, *cells, seconds, problems)
     return table
+
+
+def print_report(console: Console, summary: RunSummary, tracking_uri: str) -> None:
+    """What a command prints at its end: the slide table (the headline alone when no slide
+    went through), then what training registered, if it did."""
+    table = summary_table(summary)
+    console.print(table if table.row_count else Text(summary.headline()))
+    if summary.trained is not None:
+        for line in trained_lines(summary.trained, tracking_uri):
+            # Unwrapped, so that ids and links copy whole; Text, so no name reads as markup.
+            console.print(Text(line), soft_wrap=True)
+
+
+def trained_lines(model: TrainedModel, tracking_uri: str) -> list[str]:
+    """The registered version, its aliases, its MLflow run (a link on an http(s) server) and
+    its metrics, a line each."""
+    verdict = "became champion" if model.champion else "did not beat the champion"
+    aliases = ", ".join(model.aliases) or "none"
+    run = f"MLflow run: {model.run_id}"
+    link = mlflow_run_link(tracking_uri, model.experiment_id, model.run_id)
+    lines = [
+        f"model:      {model.name} version {model.version} ({verdict}; aliases moved: {aliases})",
+        run + (f"  {link}" if link else ""),
+    ]
+    metrics = shown_metrics(model.metrics)
+    if metrics:
+        lines.append("metrics:    " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return lines
+
+
+def shown_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The run's scores, the best validation IoU first; learning rates left out (the
+    monitor logs one per optimizer as `lr-<name>`)."""
+    scores = {k: v for k, v in sorted(metrics.items()) if not k.startswith("lr-")}
+    best = {k: scores.pop(k) for k in ("best_val_iou",) if k in scores}
+    return best | scores
+
+
+def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI of an http(s) tracking server, without credentials;
+    None for other stores (a SQLite file has no UI until `mlflow ui` serves it)."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not experiment_id or not run_id:
+        return None
+    host = parts.netloc.rpartition("@")[2]  # user:password@ stays out of what is printed
+    base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _cell(outcome: StageOutcome | None) -> str:

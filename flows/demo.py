@@ -20,9 +20,10 @@ import numpy as np
 import tifffile
 import yaml
 from rich.console import Console
+from rich.text import Text
 
 from flows.configs import load
-from flows.console import summary_table
+from flows.console import summary_table, trained_lines
 from flows.overlay import write_overlay
 from flows.pipeline import PipelineConfig, pipeline_flow
 from flows.runner import run_flow
@@ -128,16 +129,12 @@ def run_demo(
 
 def _report(console, runtime, summary, flow_run_id, overlays, scores, started) -> None:
     q = shlex.quote
-    trained = summary.trained
     console.print()
     console.print("[bold]What happened[/]")
     console.print(f"  {summary.headline()} in {time.perf_counter() - started:.0f} s")
-    if trained is not None:
-        verdict = "became champion" if trained.champion else "did not beat the champion"
-        console.print(
-            f"  trained {trained.name} version {trained.version} (MLflow run {trained.run_id}): "
-            f"{verdict}; validation IoU {trained.metrics.get('val_iou', float('nan')):.3f}"
-        )
+    if summary.trained is not None:
+        for line in trained_lines(summary.trained, runtime.mlflow_uri):
+            console.print(Text(f"  {line}"))
     if summary.segmented_with:
         console.print(f"  segmented every slide with {summary.segmented_with}")
     for name, score in scores.items():

@@ -36,6 +36,9 @@ class TrainedModel:
     run_id: str
     champion: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    experiment_id: str = ""
+    #: Registry aliases moved to this version (`candidate`, and `champion` when it won).
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -59,9 +62,14 @@ class RunSummary:
         return [o.store for o in self.of(stage) if not o.failed and o.store is not None]
 
     def headline(self) -> str:
-        """One line: how many slides went through, how many failed."""
+        """One line: how many slides went through, how many failed; a run that only trained
+        says what it registered instead."""
         slides = {o.slide for o in self.outcomes if o.stage != "train"}
         failed = {o.slide for o in self.failures}
+        if not slides and self.trained is not None:
+            return f"{self.flow}: trained {self.trained.name} version {self.trained.version}"
+        if not slides and failed:
+            return f"{self.flow}: training failed"
         text = f"{self.flow}: {len(slides)} slide(s), {len(failed)} failed"
         if failed:
             text += " (" + ", ".join(sorted(failed)) + ")"

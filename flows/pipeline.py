@@ -96,6 +96,8 @@ def _trained(result: TrainResult) -> TrainedModel:
         run_id=result.run_id or "",
         champion=result.became_champion,
         metrics=dict(result.metrics),
+        experiment_id=result.experiment_id or "",
+        aliases=tuple(result.aliases),
     )
 
 

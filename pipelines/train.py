@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pipelines.config import ConfigError, load_config
 from pipelines.redaction import redact_text
 from pipelines.services import require_mlflow
-from pipelines.training.config import Normalization, TrainConfig
+from pipelines.training.config import TrainConfig
 from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
 from pipelines.training.module import UNetModule, ValidateAtEnd
 from pipelines.training.normalization import estimate_normalization
@@ -71,6 +71,7 @@ class TrainResult(BaseModel):
     registered_name: str | None = None
     version: str | None = None
     became_champion: bool = False
+    aliases: list[str] = []
     metrics: dict[str, float] = {}
     checkpoint: Path | None = None
     weights: Path | None = None
@@ -197,6 +198,7 @@ def _finish_run(
         "registered_name": config.registered_model_name,
         "version": registration.version,
         "became_champion": registration.became_champion,
+        "aliases": list(registration.aliases),
         "metrics": metrics,
         "checkpoint": checkpoint,
         "weights": weights,

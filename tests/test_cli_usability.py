@@ -3,15 +3,19 @@ reports what it made, configuration keys are listed, and `segflow train` finds i
 
 from __future__ import annotations
 
+import io
 import random
 import re
 
 import pytest
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 from train_stores import disk_store, tiny_config
 
 from flows.configs import load
+from flows.console import print_report
 from flows.demo import DEMO_CONFIG
+from flows.outcomes import RunSummary, StageOutcome, TrainedModel
 from flows.pipeline import CHAMPION, PipelineConfig
 from pipelines.train import TrainConfig, train
 from pipelines.training.tracking import unique_run_name
@@ -41,3 +45,52 @@ def test_two_trainings_with_one_seed_get_different_run_names(tmp_path):
     names = [client.get_run(run).info.run_name for run in runs]
     assert names[0] != names[1]
     assert all(re.fullmatch(r"test-unet-\d{8}-\d{6}-[0-9a-f]{4}", name) for name in names), names
+
+
+def printed(summary: RunSummary, tracking_uri: str) -> str:
+    console = Console(width=60, record=True, file=io.StringIO())  # narrower than its lines
+    print_report(console, summary, tracking_uri)
+    return console.export_text()
+
+
+def trained_summary() -> RunSummary:
+    model = TrainedModel(
+        name="segflow-unet",
+        version="7",
+        run_id="0123456789abcdef0123456789abcdef",
+        champion=True,
+        metrics={"best_val_iou": 0.8125, "train_loss": 0.25, "lr-SGD": 0.01, "val_dice": 0.875},
+        experiment_id="4",
+        aliases=("candidate", "champion"),
+    )
+    train = StageOutcome("train", "training", "written", seconds=12.0)
+    return RunSummary("train", outcomes=[train], trained=model)
+
+
+def test_train_report_names_run_version_aliases_and_metrics():
+    text = printed(trained_summary(), "https://ml:s3cret@mlflow.example.org:5000/base/")
+    lines = text.splitlines()
+    assert lines[0] == "train: trained segflow-unet version 7"
+    assert "slide(s)" not in text
+    assert lines[1] == (
+        "model:      segflow-unet version 7 (became champion; aliases moved: candidate, champion)"
+    )
+    assert lines[2] == (
+        "MLflow run: 0123456789abcdef0123456789abcdef  https://mlflow.example.org:5000/base"
+        "/#/experiments/4/runs/0123456789abcdef0123456789abcdef"
+    )
+    assert lines[3] == "metrics:    best_val_iou 0.8125  train_loss 0.2500  val_dice 0.8750"
+    assert "s3cret" not in text and "lr-SGD" not in text
+
+
+def test_train_report_without_a_server_has_no_link(tmp_path):
+    text = printed(trained_summary(), f"sqlite:///{tmp_path}/mlflow.db")
+    assert "MLflow run: 0123456789abcdef0123456789abcdef\n" in text
+    assert "://" not in text
+
+
+def test_a_failed_training_says_so():
+    failed = StageOutcome("train", "training", "failed", detail="x.zarr: no weight map")
+    assert printed(RunSummary("train", outcomes=[failed]), "").splitlines() == [
+        "train: training failed"
+    ]

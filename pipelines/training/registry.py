@@ -38,6 +38,8 @@ class Registration:
     model_uri: str
     version: str
     became_champion: bool
+    #: The aliases moved to this version.
+    aliases: tuple[str, ...]
 
 
 def model_metadata(model: UNet, normalization: Normalization, tile: TileShape) -> dict:
@@ -130,4 +132,5 @@ def log_and_register(
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri)
     became_champion = promote(client, registered_name, version, val_iou)
-    return Registration(f"models:/{registered_name}/{version}", version, became_champion)
+    aliases = (CANDIDATE, CHAMPION) if became_champion else (CANDIDATE,)
+    return Registration(f"models:/{registered_name}/{version}", version, became_champion, aliases)
