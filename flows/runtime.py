@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import prefect.settings
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from flows.interrupt import on_interrupt
 from pipelines.cluster import ClusterConfig
@@ -32,6 +32,8 @@ SERVER_STARTUP_SECONDS = 120
 
 class Runtime(BaseModel):
     """The services of a run; a field left None is taken from the environment, else embedded."""
+
+    model_config = ConfigDict(extra="forbid")
 
     workdir: Path = Path("segflow-work")
     #: None = the embedded `sqlite:///<workdir>/mlflow.db` (artifacts in <workdir>/mlartifacts).

@@ -8,7 +8,7 @@ from typing import Any
 
 import dask
 from distributed import Client, LocalCluster, as_completed
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.services import connect_scheduler
 
@@ -16,6 +16,8 @@ from pipelines.services import connect_scheduler
 class ClusterConfig(BaseModel):
     """Dask cluster settings; `scheduler_address` (or Dask's own `scheduler-address` config,
     e.g. DASK_SCHEDULER_ADDRESS) moves the work onto an existing cluster."""
+
+    model_config = ConfigDict(extra="forbid")
 
     scheduler_address: str | None = None
     n_workers: int = Field(default=2, ge=1)

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 from distributed import Client, futures_of
-from pydantic import BaseModel, Field, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 
 from pipelines.cluster import ClusterConfig, dask_client
 from segcore import ngff
@@ -41,6 +41,8 @@ class WeightsError(ValueError):
 
 class WeightsConfig(BaseModel):
     """Weight-map settings (Ronneberger et al. 2015: w0=10, sigma=5 px)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     w0: float = Field(default=10.0, ge=0)
     sigma: float = Field(default=5.0, gt=0)

@@ -39,7 +39,9 @@ def _conv_block(c_in: int, c_out: int, padding: Padding, batch_norm: bool) -> nn
     return nn.Sequential(*layers)
 
 
-def _center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def center_crop(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """The central window of `size` (square when an int) over the last two axes."""
+    size = (size, size) if isinstance(size, int) else size
     dy = (x.shape[-2] - size[0]) // 2
     dx = (x.shape[-1] - size[1]) // 2
     return x[..., dy : dy + size[0], dx : dx + size[1]]
@@ -127,5 +129,5 @@ class UNet(nn.Module):
         x = self.dropout(x)
         for upconv, block, skip in zip(self.upconvs, self.up, reversed(skips), strict=True):
             x = upconv(x)
-            x = block(torch.cat([_center_crop(skip, x.shape[-2:]), x], dim=1))
+            x = block(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
         return self.head(x)

@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-IMAGE_AXES = ("c", "y", "x")
-LABELS_GROUP = "labels"
+from segcore.ngff import LABELS_GROUP
+
 ANNOTATIONS = "annotations"
 TISSUE = "tissue"
 SEGMENTATION = "segmentation"

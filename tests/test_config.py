@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 from pydantic import BaseModel, ValidationError
 
@@ -43,3 +45,23 @@ def test_errors_name_the_problem(tmp_path):
         load_config(Example, tmp_path / "missing.yaml")
     with pytest.raises(ValidationError):
         load_config(Example, None, ["devices=many"])
+
+
+@pytest.mark.parametrize(
+    ("cls", "override"),
+    [
+        ("pipelines.weightmaps.WeightsConfig", "sigm=3"),
+        ("pipelines.weightmaps.WeightsConfig", "cluster.n_worker=9"),
+        ("pipelines.ingest.IngestConfig", "tissue.threshold_x=1"),
+        ("pipelines.infer.InferConfig", "tile_sise=124"),
+        ("pipelines.training.config.TrainConfig", "optimizer.learning_rate=0.1"),
+        ("flows.pipeline.PipelineConfig", "infer.cluster.n_worker=2"),
+    ],
+)
+def test_every_config_refuses_a_typo(cls, override):
+    module, _, name = cls.rpartition(".")
+    config_cls = getattr(importlib.import_module(module), name)
+    defaults = {"archive": "a"} if name == "PipelineConfig" else {}
+    defaults |= {"stores": ["s.zarr"]} if name == "TrainConfig" else {}
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted|Unexpected keyword argument"):
+        load_config(config_cls, None, [override], defaults)

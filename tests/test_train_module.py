@@ -8,10 +8,10 @@ import torch
 from train_stores import disk_store
 
 from pipelines.training.data import TileDataset, TileSampler, open_training_store, tile_shape
-from pipelines.training.module import UNetModule, center_crop
+from pipelines.training.module import UNetModule
 from pipelines.training.normalization import RawInputUNet, estimate_normalization
 from segcore.geometry import UNetGeometry
-from segcore.model import UNet
+from segcore.model import UNet, center_crop
 from segcore.normalization import InputNormalizer, Normalization, fold_normalization
 
 # Calling training_step outside a Trainer: its self.log() has nowhere to go, by design here.

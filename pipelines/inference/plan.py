@@ -74,10 +74,6 @@ class SlidePlan:
     chunk_side: int
     blocks: tuple[Block, ...]
 
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        return max(b.index[0] for b in self.blocks) + 1, max(b.index[1] for b in self.blocks) + 1
-
 
 def block_side(stride: int, requested: int | None) -> int:
     """A multiple of `stride`: `requested` rounded down (at least one stride), or near 2048."""

@@ -22,19 +22,12 @@ from pipelines.training.normalization import RawInputUNet
 from segcore.augment import AugmentConfig, augment_batch
 from segcore.losses import combined_loss, weighted_cross_entropy
 from segcore.metrics import segmentation_scores
-from segcore.model import UNet
+from segcore.model import UNet, center_crop
 from segcore.normalization import InputNormalizer, Normalization, fold_normalization
 from segcore.tiling import plan_tiles, predict_padded
 
 #: Validation metrics, in the order they are summed across ranks.
 VAL_METRICS = ("iou", "dice", "pixel_error", "rand_error")
-
-
-def center_crop(x: Tensor, size: int) -> Tensor:
-    """The central size x size window of the last two axes."""
-    dy = (x.shape[-2] - size) // 2
-    dx = (x.shape[-1] - size) // 2
-    return x[..., dy : dy + size, dx : dx + size]
 
 
 def augment_seed(seed: int, step: int, rank: int) -> int:
