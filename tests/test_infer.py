@@ -301,3 +301,15 @@ def test_unreadable_chunk_fails_naming_the_block_and_resumes(tmp_path, model, mo
     np.testing.assert_array_equal(
         SlideStore.open(store).segmentation[...], reference_classes(model, image)
     )
+
+
+def test_caller_process_state_is_unchanged(tmp_path, model_file):
+    """An in-process cluster runs the model in the caller's process: inference must leave its
+    torch threads, cuDNN flag and environment as they were."""
+    make_store(tmp_path / "s.zarr", smooth_image((200, 200), seed=9))
+    torch.set_num_threads(2)
+    before = (torch.get_num_threads(), torch.backends.cudnn.benchmark, dict(os.environ))
+    in_process = ClusterConfig(n_workers=2, threads_per_worker=1, processes=False)
+    (result,) = infer_archive(tmp_path, model_file, config(cluster=in_process))
+    assert result.status == "written", result.error
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark, dict(os.environ)) == before

@@ -7,6 +7,7 @@ client), so worker processes start in a few seconds.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -59,9 +60,24 @@ class ModelPlugin(WorkerPlugin):
         self.channels_last = channels_last
         self.compile_model = compile_model
         self.workers_per_host = workers_per_host
+        #: The process that registered the plugin: its torch settings are its caller's.
+        self.client_process = (socket.gethostname(), os.getpid())
 
     def setup(self, worker: Worker) -> None:
         self.device = _device(self.requested_device)
+        if (socket.gethostname(), os.getpid()) != self.client_process:
+            self._tune_worker_process(worker)
+        model = self.source.build().to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model: torch.nn.Module = torch.compile(model) if self.compile_model else model
+        self.unet = model
+        self.lock = threading.Lock()
+        self.source = None  # the weights live in the model now
+
+    def _tune_worker_process(self, worker: Worker) -> None:
+        """Process-wide torch settings, only in a worker process Dask started for this work
+        (never in the caller's own process, where an in-process cluster's workers run)."""
         if self.device.type == "cpu":
             # Dask starts workers with OMP_NUM_THREADS=1; share this host's cores among its
             # workers instead (the block lock keeps one forward pass per worker at a time).
@@ -70,13 +86,6 @@ class ModelPlugin(WorkerPlugin):
             torch.set_num_threads(max(1, cores // self.workers_per_host.get(host, 1)))
         else:
             torch.backends.cudnn.benchmark = True
-        model = self.source.build().to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model: torch.nn.Module = torch.compile(model) if self.compile_model else model
-        self.unet = model
-        self.lock = threading.Lock()
-        self.source = None  # the weights live in the model now
 
     def profile(self, batch_size: int) -> tuple[str, int]:
         """This worker's device type and the default tile size for its memory."""
