@@ -7,6 +7,7 @@
     segflow run [ARCHIVE] [--config pipeline.yaml] [key=value ...]
     segflow serve [ARCHIVE] [--config pipeline.yaml] [--cron "0 2 * * *"] [key=value ...]
     segflow demo
+    segflow config [STAGE]      every configuration key of a command: type, default, meaning
 
 Every command runs as a Prefect flow (flows.pipeline) and reads the environment only here:
 PREFECT_API_URL, MLFLOW_TRACKING_URI and DASK_SCHEDULER_ADDRESS (or --tracking-uri,
@@ -24,6 +25,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from flows.config_help import COMMAND_STAGES, EXAMPLES
 from flows.configs import UsageError, existing, load
 from flows.interrupt import handling as handling_interrupts
 from pipelines.redaction import redact_text, redact_uri
@@ -59,10 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `segflow <command> --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    kv = "key=value overrides of the configuration (dotted, YAML values), e.g. chunk_size=512"
+
+    def kv(command: str) -> str:
+        return (
+            "key=value overrides of the configuration (dotted, YAML values; "
+            f"`segflow config {command}` lists them), e.g. {EXAMPLES[command]}"
+        )
 
     ingest = commands.add_parser("ingest", help="slides -> OME-Zarr stores (stage 1)")
-    ingest.add_argument("items", nargs="*", metavar="SLIDE|FOLDER|key=value", help=kv)
+    ingest.add_argument("items", nargs="*", metavar="SLIDE|FOLDER|key=value", help=kv("ingest"))
     _common(ingest, "YAML file of IngestConfig fields")
 
     weights = commands.add_parser("weights", help="weight maps of labelled stores (stage 2)")
@@ -70,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "items",
         nargs="*",
         metavar="STORE|FOLDER|key=value",
-        help="stores or folders of stores (default: <workdir>/stores); " + kv,
+        help="stores or folders of stores (default: <workdir>/stores); " + kv("weights"),
     )
     _common(weights, "YAML file of WeightsConfig fields")
 
@@ -79,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "items",
         nargs="*",
         metavar="STORE|key=value",
-        help="training stores (or `stores=[...]` in the configuration); " + kv,
+        help="training stores (or `stores=[...]` in the configuration); " + kv("train"),
     )
     _common(train, "YAML file of TrainConfig fields")
 
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "items",
         nargs="*",
         metavar="STORE|FOLDER|key=value",
-        help="stores or folders of stores (default: <workdir>/stores); " + kv,
+        help="stores or folders of stores (default: <workdir>/stores); " + kv("infer"),
     )
     infer.add_argument(
         "--model", default=None, help="model URI or file (default: models:/segflow-unet@champion)"
@@ -105,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
             "items",
             nargs="*",
             metavar="ARCHIVE|key=value",
-            help="folder of slides (or `archive:` in the configuration); " + kv,
+            help="folder of slides (or `archive:` in the configuration); " + kv(name),
         )
         _common(command, "YAML file of PipelineConfig fields (sections ingest, weights, ...)")
         if name == "serve":
@@ -115,7 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic archive -> whole pipeline -> overlays")
     _common(demo, "YAML file of PipelineConfig fields to use instead of the demo's")
-    demo.add_argument("items", nargs="*", metavar="key=value", help=kv)
+    demo.add_argument("items", nargs="*", metavar="key=value", help=kv("demo"))
+
+    config = commands.add_parser(
+        "config", help="list a command's configuration keys: type, default, meaning"
+    )
+    config.add_argument(
+        "stage",
+        nargs="?",
+        choices=list(COMMAND_STAGES),
+        metavar="STAGE",
+        help=f"one of {', '.join(COMMAND_STAGES)} (default: all stages)",
+    )
+    config.set_defaults(debug=False)
     return parser
 
 
@@ -127,6 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     stray = [word for word in unknown if word.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "config" and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.items = [*getattr(args, "items", []), *unknown]
     return args
 
@@ -170,6 +191,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":  # reads no input, starts nothing
+        return _config(args.stage)
     from flows.console import quiet_logging
     from flows.runtime import Runtime
 
@@ -299,6 +322,18 @@ def _demo(args, runtime, paths, overrides) -> int:
 
     writable_folder(runtime.workdir)
     return run_demo(runtime, args.config, overrides, verbose=args.verbose)
+
+
+def _config(stage: str | None) -> int:
+    from flows.config_help import STAGE_CONFIGS, render
+
+    try:
+        for index, name in enumerate([stage] if stage else STAGE_CONFIGS):
+            print(("\n" if index else "") + "\n".join(render(name)), flush=True)
+    except BrokenPipeError:  # `segflow config | head`: the reader has all it wanted
+        # Python's documented way out: stdout to devnull, so the exit's flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def _run(args, runtime, flow, **parameters) -> int:

@@ -12,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from train_stores import disk_store, tiny_config
 
+from flows.cli import build_parser, main
+from flows.config_help import COMMAND_STAGES, EXAMPLES, STAGE_CONFIGS, config_keys, stage_config
 from flows.configs import load
 from flows.console import print_report
 from flows.demo import DEMO_CONFIG
@@ -94,3 +96,69 @@ def test_a_failed_training_says_so():
     assert printed(RunSummary("train", outcomes=[failed]), "").splitlines() == [
         "train: training failed"
     ]
+
+
+#: What each configuration needs before a key=value can be checked against it.
+REQUIRED = {"train": {"stores": ["s.zarr"]}, "run": {"archive": "archive"}}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_CONFIGS))
+def test_every_listed_key_and_default_is_accepted_back(stage):
+    config = stage_config(stage)
+    keys = config_keys(config)
+    default = load(config, None, [], REQUIRED.get(stage))
+    assert len({k.name for k in keys}) == len(keys)
+    for key in keys:
+        assert key.type, key
+        if key.default == "required":
+            continue
+        loaded = load(config, None, [f"{key.name}={key.default}"], REQUIRED.get(stage))
+        assert dotted(loaded, key.name) == dotted(default, key.name), key
+
+
+def dotted(config: object, name: str) -> object:
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def test_config_lists_nested_keys_with_type_default_and_meaning(capsys):
+    assert main(["config", "train"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()[1:]}
+    assert out.startswith("train: TrainConfig (")
+    assert lines["stores"].startswith("list[path]") and "required" in lines["stores"]
+    assert lines["optimizer.lr"].split()[:2] == ["float", "0.01"]
+    assert "Learning rate" in lines["optimizer.lr"]
+    assert lines["optimizer.name"].split()[:4] == ["'sgd'", "|", "'adamw'", "sgd"]
+    assert lines["augment.elastic_sigma"].split() == ["float", "10.0"]
+    assert lines["model.in_channels"].startswith("int | None")
+    assert "Image channels" in lines["model.in_channels"]
+    # Each pipeline section is listed under its prefix, with the pipeline's own keys.
+    assert main(["config", "run"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  train.optimizer.lr " in out and "\n  ingest.chunk_size " in out
+    assert "\n  holdout " in out
+
+
+def test_config_without_a_stage_lists_them_all(capsys):
+    assert main(["config"]) == 0
+    headers = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert [h for h in headers if h in STAGE_CONFIGS] == list(STAGE_CONFIGS)
+
+
+@pytest.mark.parametrize("command", list(COMMAND_STAGES))
+def test_each_help_shows_a_valid_example_of_its_own_stage(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"e.g. {EXAMPLES[command]}" in out
+    stage = COMMAND_STAGES[command]
+    load(stage_config(stage), None, EXAMPLES[command].split(), REQUIRED.get(stage))
+
+
+def test_config_refuses_an_unknown_stage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["config", "trian"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'trian'" in capsys.readouterr().err

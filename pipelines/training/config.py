@@ -23,12 +23,17 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: Image channels; None = as many as the stores have.
     in_channels: int | None = Field(default=None, ge=1)
     n_classes: int = Field(default=2, ge=2)
+    #: Channels of the first level (64 in the paper), doubling at each level below.
     base_channels: int = Field(default=64, ge=1)
+    #: Resolution levels (5 in the paper: 4 poolings).
     depth: int = Field(default=5, ge=1)
+    #: "valid" (unpadded, the paper's) or "same" convolutions.
     padding: Padding = "valid"
     batch_norm: bool = False
+    #: Dropout at the end of the contracting path.
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
 
 
@@ -38,9 +43,12 @@ class OptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["sgd", "adamw"] = "sgd"
+    #: Learning rate (the peak rate under a schedule).
     lr: float = Field(default=0.01, gt=0)
+    #: SGD momentum (AdamW ignores it).
     momentum: float = Field(default=0.99, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    #: Learning-rate schedule over `max_steps`.
     schedule: Literal["none", "cosine", "onecycle"] = "none"
 
 
@@ -65,48 +73,65 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Data.
+    #: Stores to train on (with weight maps: `segflow weights`).
     stores: list[Path] = Field(min_length=1)
+    #: Whole stores held out to validate on and pick the champion by.
     val_stores: list[Path] = Field(default_factory=list)
+    #: Held-out regions of stores, validated on like `val_stores`.
     val_regions: list[ValRegion] = Field(default_factory=list)
     #: Share of sampling weight that tissue-free areas keep (tissue counts 1 per pixel).
     background_weight: float = Field(default=0.05, ge=0)
+    #: Fixed per-channel normalisation; None = estimated from training tiles.
     normalization: Normalization | None = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     augment_enabled: bool = True
-    # Model and tiles: the input tile is `tile_size` (rounded down to a valid size) or, when
-    # None, the smallest valid input whose output covers `output_size`.
     model: ModelConfig = Field(default_factory=ModelConfig)
+    #: Input tile side, rounded down to a valid size; None = the smallest valid input whose
+    #: output covers `output_size`.
     tile_size: int | None = Field(default=None, ge=1)
+    #: Output tile side the input tile is chosen for, when `tile_size` is None.
     output_size: int = Field(default=388, ge=1)
+    #: Input tile side for validating whole regions; None = the training input tile.
     val_tile_size: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=1, ge=1)
-    # Schedule: an epoch is `steps_per_epoch` optimiser steps; validation every `val_every`
-    # epochs; a resumable checkpoint every `checkpoint_every` steps.
+    #: Optimiser steps to train for.
     max_steps: int = Field(default=20000, ge=1)
     max_epochs: int | None = Field(default=None, ge=1)
+    #: Optimiser steps per epoch (tiles are sampled, so an epoch is a count, not a pass).
     steps_per_epoch: int = Field(default=200, ge=1)
+    #: Validate every this many epochs.
     val_every: int = Field(default=1, ge=1)
+    #: Write a resumable checkpoint every this many steps.
     checkpoint_every: int = Field(default=200, ge=1)
+    #: Log metrics to MLflow every this many steps.
     log_every: int = Field(default=1, ge=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     loss: LossName = "weighted_ce"
+    #: Weight of the Dice term in "weighted_ce+dice".
     dice_weight: float = Field(default=1.0, ge=0)
-    # Hardware (Lightning Trainer arguments); precision "auto" = bf16-mixed on GPU, else fp32.
+    #: Lightning Trainer accelerator ("auto", "cpu", "gpu").
     accelerator: str = "auto"
+    #: Lightning Trainer devices (a count, a list of ids, or "auto").
     devices: int | str | list[int] = "auto"
+    #: Lightning Trainer strategy ("auto", "ddp").
     strategy: str = "auto"
     num_nodes: int = Field(default=1, ge=1)
+    #: Lightning precision; "auto" = bf16-mixed on GPU, else 32-true.
     precision: str = "auto"
+    #: DataLoader worker processes.
     num_workers: int = Field(default=2, ge=0)
     seed: int = 0
-    # Tracking: tracking_uri None = sqlite:///<workdir>/mlflow.db with artifacts in
-    # <workdir>/mlartifacts; MLFLOW_TRACKING_URI is read here, once, when the config is built.
+    #: Where checkpoints and the embedded MLflow store live.
     workdir: Path = Path("segflow-work")
+    #: MLflow tracking URI; None = sqlite:///<workdir>/mlflow.db with artifacts in
+    #: <workdir>/mlartifacts. MLFLOW_TRACKING_URI is read here, once, when the config is built.
     tracking_uri: str | None = Field(default_factory=_tracking_uri_from_environment)
     experiment: str = DEFAULT_MODEL_NAME
+    #: Registered model the trained version joins (and whose `champion` it may become).
     registered_model_name: str = DEFAULT_MODEL_NAME
+    #: MLflow run name; None = `<registered_model_name>-<UTC time>-<random>`.
     run_name: str | None = None
+    #: Continue the newest run under <workdir>/checkpoints from its last checkpoint.
     resume: bool = False
 
     @model_validator(mode="after")
