@@ -25,11 +25,7 @@ from pathlib import Path
 import zarr
 from pydantic import BaseModel
 
-# Fields that do not change what a stage writes: where the work runs, how it reports, and the
-# "redo it" switches (the flows turn those into a cache refresh instead).
-NON_OUTPUT_FIELDS = frozenset(
-    {"cluster", "num_workers", "parallel_slides", "progress", "overwrite", "resume"}
-)
+from pipelines.config import output_settings
 
 
 def segflow_version() -> str:
@@ -47,8 +43,9 @@ def digest(*parts: object) -> str:
 
 
 def settings_of(config: BaseModel, *exclude: str) -> dict:
-    """The settings of a stage config that decide its output, less `exclude`."""
-    return config.model_dump(mode="json", exclude={*NON_OUTPUT_FIELDS, *exclude})
+    """The settings of a stage config that decide its output (`pipelines.config`'s one rule;
+    the "redo it" switches become a cache refresh in the flows instead)."""
+    return output_settings(config, *exclude)
 
 
 def file_identity(path: Path | None) -> list | None:

@@ -27,13 +27,13 @@ from flows.runtime import Runtime
 from flows.tasks import WEIGHT_ARRAY, infer_task, ingest_slide_task, train_task, weights_task
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.infer import InferConfig, InferResult
+from pipelines.inference.outputs import installed_run_key
 from pipelines.ingest import IngestConfig, IngestResult
 from pipelines.redaction import redact_text
 from pipelines.services import mlflow_client
 from pipelines.sources import SlideSource, name_clashes
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.weightmaps import WeightsConfig, WeightsResult
-from segcore.store import LABELS_GROUP, SEGMENTATION
 
 #: The "slide" of the training task's outcome.
 TRAINING = "training"
@@ -184,36 +184,25 @@ def registered(result: TrainResult, tracking_uri: str) -> bool:
     return True
 
 
-def installed_model(store: Path, config: InferConfig) -> str | None:
-    """The model URI the segmentation now in a store's output was made with, if any."""
-    output = store if config.output_dir is None else config.output_dir / store.name
-    attrs = output_state(output, f"{LABELS_GROUP}/{SEGMENTATION}") or {}
-    return (attrs.get("segflow") or {}).get("model_uri")
-
-
 def run_infer(
     stores: Sequence[Path], model_uri: str, config: InferConfig, runtime: Runtime
 ) -> list[tuple[StageOutcome, InferResult | None]]:
     """Segment each store with the (pinned) model, one task per slide, on one Dask cluster.
 
-    A store whose segmentation came from another model is re-segmented (the stage itself only
-    replaces one when told to overwrite); one segmented by this model is the stage's "skipped".
+    The stage itself decides whether a store's segmentation is current (its run key: model
+    digest and output-changing settings) and redoes it when not; a cached result is trusted
+    only while the segmentation it wrote is still the one installed.
     """
     config = config.model_copy(update={"progress": False})
 
     def still_valid(result: InferResult) -> bool:
-        return installed_model(result.store, config) == model_uri
-
-    def settings(store: Path) -> InferConfig:
-        made_by = installed_model(store, config)
-        replace = made_by is not None and made_by != model_uri
-        return config.model_copy(update={"overwrite": True}) if replace else config
+        return result.output is not None and installed_run_key(result.output) == result.run_key
 
     if not stores:
         return []
     with _client(runtime, config.cluster) as client:
         calls = [
-            _store_call(s, {"model_uri": model_uri, "config": settings(s), "client": client})
+            _store_call(s, {"model_uri": model_uri, "config": config, "client": client})
             for s in stores
         ]
         # One slide at a time: each already spreads its blocks over the whole cluster, and

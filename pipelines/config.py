@@ -13,8 +13,35 @@ from pydantic import BaseModel
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
+#: Fields of any stage configuration that never change what the stage writes: where and how
+#: the work runs, how it reports, and the "redo it" switches. Every "are these the settings my
+#: output was made with?" question (a stage's own skip, the flows' task cache) asks
+#: `output_settings`, so the rule lives here once.
+NON_OUTPUT_FIELDS = frozenset(
+    {
+        "cluster",
+        "num_workers",
+        "parallel_slides",
+        "max_in_flight",
+        "openslide_cache_mb",
+        "progress",
+        "overwrite",
+        "resume",
+    }
+)
+
+
 class ConfigError(ValueError):
     """A configuration file or override is malformed."""
+
+
+def output_settings(config: BaseModel, *exclude: str) -> dict:
+    """The settings of a stage configuration that decide its output (JSON), less `exclude`.
+
+    Example: IngestConfig(chunk_size=512, parallel_slides=8) -> {"chunk_size": 512, ...}
+    without "parallel_slides" or "cluster": two runs differing only there write the same store.
+    """
+    return config.model_dump(mode="json", exclude={*NON_OUTPUT_FIELDS, *exclude})
 
 
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:

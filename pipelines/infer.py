@@ -242,15 +242,11 @@ def _segment(
     output.mkdir(parents=True, exist_ok=True)
     with run_lock(output):
         journal = Journal.of(output, key)
-        installed = installed_run_key(output)
-        if installed is not None and not journal.root.exists() and not config.overwrite:
+        # Current = made by this model with these output-changing settings (the run key);
+        # another model or setting replaces it, like ingest and weights redo theirs.
+        if installed_run_key(output) == key and not journal.root.exists() and not config.overwrite:
             result.status = "skipped"
-            result.error = (
-                "already segmented with this model and settings"
-                if installed == key
-                else "holds a segmentation from another model or settings (overwrite=True "
-                "replaces it)"
-            )
+            result.error = "already segmented with this model and settings"
             return result
         journal.start()
         mpp = slide.metadata.get("mpp")

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.components import label_foreground
+from pipelines.config import output_settings
 from pipelines.sources import (
     IngestError,
     SlideSource,
@@ -82,10 +83,7 @@ class IngestConfig(BaseModel):
 
     def settings(self) -> dict:
         """The settings that shape a store, as stored in its metadata."""
-        return self.model_dump(
-            mode="json",
-            exclude={"cluster", "parallel_slides", "overwrite", "openslide_cache_mb"},
-        )
+        return output_settings(self)
 
 
 class IngestResult(BaseModel):

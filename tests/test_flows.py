@@ -160,6 +160,17 @@ def test_infer_flow_resegments_when_the_champion_changes(tmp_path, prefect_serve
     again = run_flow(infer_flow, runtime, archive=archive, ingest=ingest, infer=config.infer)
     assert {o.status for o in again.summary.outcomes} == {"cached"}
 
+    # How the work runs is not an output setting: nothing is redone.
+    faster = config.infer.model_copy(update={"max_in_flight": 3})
+    again = run_flow(infer_flow, runtime, archive=archive, ingest=ingest, infer=faster)
+    assert {o.status for o in again.summary.outcomes} == {"cached"}
+    # One that changes the labels written re-segments every slide.
+    diagonal = config.infer.model_copy(update={"connectivity": 2})
+    redone = run_flow(infer_flow, runtime, archive=archive, ingest=ingest, infer=diagonal)
+    assert {by_stage(redone.summary)["infer", s].status for s in "abc"} == {"written"}
+    recorded = SlideStore.open(stores[0]).group["labels/segmentation"].attrs["segflow"]
+    assert recorded["settings"]["connectivity"] == 2
+
 
 def test_cache_keys_follow_inputs_and_settings_only(tmp_path):
     slide = tmp_path / "s.tif"

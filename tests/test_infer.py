@@ -226,18 +226,27 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, model_file, client):
     assert linked == store.resolve()
 
 
-def test_rerun_is_skipped_and_new_settings_need_overwrite(tmp_path, model_file, client):
+def test_rerun_is_skipped_and_changed_outputs_are_redone(tmp_path, model_file, client):
     store = make_store(tmp_path / "s.zarr", smooth_image((130, 150), seed=5))
     first = infer_slide(store, model_file, config(), client)
     assert first.status == "written"
     again = infer_slide(store, model_file, config(), client)
     assert again.status == "skipped" and "already segmented" in again.error
+    # Where and how the work runs does not change the output: still current.
+    elsewhere = infer_slide(store, model_file, config(max_in_flight=1), client)
+    assert elsewhere.status == "skipped" and elsewhere.run_key == first.run_key
+    # A setting that changes the bytes written redoes the slide, no overwrite needed.
     other = infer_slide(store, model_file, config(batch_size=2), client)
-    assert other.status == "skipped" and "overwrite" in other.error
-    replaced = infer_slide(store, model_file, config(batch_size=2, overwrite=True), client)
-    assert replaced.status == "written" and replaced.run_key != first.run_key
+    assert other.status == "written" and other.run_key != first.run_key
     meta = zarr.open_group(store / "labels" / "segmentation", mode="r").attrs["segflow"]
-    assert meta["run_key"] == replaced.run_key and meta["settings"]["batch_size"] == 2
+    assert meta["run_key"] == other.run_key and meta["settings"]["batch_size"] == 2
+    # So does another model.
+    retrained = tmp_path / "retrained.pt"
+    save_unet(_expressive_unet(seed=1), retrained)
+    replaced = infer_slide(store, retrained, config(batch_size=2), client)
+    assert replaced.status == "written" and replaced.run_key != other.run_key
+    forced = infer_slide(store, retrained, config(batch_size=2, overwrite=True), client)
+    assert forced.status == "written" and forced.run_key == replaced.run_key
 
 
 def test_wrong_model_fails_that_slide_only(tmp_path, model_file, client):
