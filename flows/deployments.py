@@ -72,7 +72,12 @@ def deployments(
             },
             tags=["segflow"],
         ),
-        train_flow.to_deployment("train", parameters={"runtime": run}, tags=["segflow"]),
+        train_flow.to_deployment(
+            "train",
+            parameters={"train": _train_parameters(config, stores), "runtime": run},
+            description="Train and register a U-Net on the stores with weight maps.",
+            tags=["segflow"],
+        ),
         infer_flow.to_deployment(
             "infer",
             parameters={
@@ -84,6 +89,14 @@ def deployments(
             tags=["segflow"],
         ),
     ]
+
+
+def _train_parameters(config: PipelineConfig, stores: list[str]) -> dict:
+    """The pipeline's training settings, on its stores when it names none: every store of the
+    workdir with weight maps, found when the run starts (slides ingested since included). The
+    tracking URI is the runtime's, so none (and no password) is stored in the deployment."""
+    train = config.train.model_dump(mode="json") | {"tracking_uri": None}
+    return train | {"stores": train["stores"] or stores}
 
 
 def serve(config: PipelineConfig, runtime: Runtime, cron: str, embedded: bool) -> None:

@@ -16,6 +16,7 @@ failed runs catches it), its artifact still showing every slide.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow
@@ -31,11 +32,11 @@ from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
 from pipelines.infer import InferConfig
 from pipelines.ingest import IngestConfig
 from pipelines.redaction import redact_text, redact_uri
-from pipelines.sources import find_slides, find_stores
+from pipelines.sources import find_slides, find_stores, is_store
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.training.config import DEFAULT_MODEL_NAME
 from pipelines.weightmaps import WeightsConfig
-from segcore.store import SlideStore
+from segcore.store import SlideStore, StoreError
 
 #: Slides in flight at once per stage; chunk-level parallelism is Dask's, inside each task.
 SLIDES_AT_ONCE = 2
@@ -77,6 +78,34 @@ def _runner() -> ThreadPoolTaskRunner:
 def is_labelled(store: Path) -> bool:
     """Whether a store has annotations to train on."""
     return SlideStore.open(store).annotations is not None
+
+
+def has_weight_maps(store: Path) -> bool:
+    """Whether a store has the training target and weights that training reads."""
+    return SlideStore.open(store).weight is not None
+
+
+def stores_ready(paths: list[Path], ready: Callable[[Path], bool], purpose: str) -> list[Path]:
+    """Stores named directly, and those of named folders that are `ready` for a stage.
+
+    A folder of an archive's stores (the workdir's, as the deployments name it) also holds
+    slides without labels, which have nothing to offer to weight maps or training; a store
+    named directly is kept, and fails its own task when it is not ready.
+    """
+
+    def kept(store: Path) -> bool:
+        try:
+            return ready(store)
+        except StoreError:  # unreadable: its own task fails and says why
+            return True
+
+    stores: list[Path] = []
+    for path in map(Path, paths):
+        found = find_stores([path])
+        stores += found if is_store(path) else [s for s in found if kept(s)]
+    if not stores:
+        raise StoreError(f"{', '.join(map(str, paths))}: no store {purpose}")
+    return stores
 
 
 def _finish(summary: RunSummary) -> RunSummary | State:
@@ -156,16 +185,24 @@ def weights_flow(
     """Weight maps of labelled stores (store paths, or folders of stores)."""
     runtime = runtime.resolved(os.environ)
     summary = RunSummary("weights")
-    summary.outcomes += [o for o, _ in run_weights(find_stores(stores), weights, runtime)]
+    labelled = stores_ready(stores, is_labelled, "with annotations to compute weight maps from")
+    summary.outcomes += [o for o, _ in run_weights(labelled, weights, runtime)]
     return _finish(summary)
 
 
 @flow(name="segflow-train", task_runner=_runner())
 def train_flow(train: TrainConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSummary:
-    """Train, track and register a U-Net on the stores `train` names."""
+    """Train, track and register a U-Net on the stores `train` names: stores, or folders of
+    stores of which those with weight maps (and not named for validation) are trained on."""
     runtime = runtime.resolved(os.environ)
+    held_out = {s.resolve() for s in train.val_stores}
+
+    def ready(store: Path) -> bool:
+        return has_weight_maps(store) and store.resolve() not in held_out
+
+    stores = stores_ready(train.stores, ready, "with weight maps to train on (run weights first)")
     config = train.model_copy(
-        update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
+        update={"stores": stores, "tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
     )
     summary = RunSummary("train")
     _train_stage(config, summary)

@@ -219,6 +219,9 @@ def test_deployments_include_a_nightly_infer_with_valid_parameters(tmp_path):
     # The parameters validate against the flows' typed signatures, as Prefect checks them.
     infer_flow.validate_parameters(nightly.parameters)
     pipeline_flow.validate_parameters(built["pipeline"].parameters)
+    # Training runs as shipped, on the workdir's stores, without a password in its parameters.
+    train = train_flow.validate_parameters(built["train"].parameters)["train"]
+    assert train.stores == [runtime.stores_dir] and train.tracking_uri is None
 
 
 def test_prefect_yaml_deployments_point_at_the_flows_with_valid_parameters():
@@ -230,8 +233,7 @@ def test_prefect_yaml_deployments_point_at_the_flows_with_valid_parameters():
         path, _, name = deployment["entrypoint"].partition(":")
         assert path == "flows/pipeline.py"
         names.add(deployment["name"])
-        if name != "train_flow":  # its TrainConfig (the stores) is given when a run starts
-            flows[name].validate_parameters(deployment["parameters"])
+        flows[name].validate_parameters(deployment["parameters"])
     assert names == {NIGHTLY, "pipeline", "ingest", "weights", "train", "infer"}
     (nightly,) = [d for d in spec["deployments"] if d["name"] == NIGHTLY]
     assert nightly["schedules"][0]["cron"] and nightly["work_pool"]["name"] == "segflow"
