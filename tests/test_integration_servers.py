@@ -4,113 +4,37 @@ MLFLOW_TRACKING_URI set, and everything checked through the servers' HTTP APIs."
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from flow_helpers import TINY, tiny_archive
+from flow_helpers import tiny_archive
+from server_helpers import (
+    BIN,
+    clean_env,
+    free_port,
+    http,
+    prefect_server,
+    start,
+    stop,
+    tiny_config,
+    wait_for_deployment,
+    wait_for_flow_run,
+    wait_healthy,
+)
 
 from segcore.store import SlideStore
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(url: str, payload: dict | None = None, attempts: int = 5) -> dict:
-    """GET (or POST `payload` as JSON) and decode the JSON answer.
-
-    A 503 is retried with backoff, as Prefect's own client does: the server answers 503 when
-    its SQLite database is briefly locked by a concurrent writer (the serve process), and the
-    request was not applied.
-    """
-    data = json.dumps(payload).encode() if payload is not None else None
-    for attempt in range(attempts):
-        request = urllib.request.Request(
-            url, data=data, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            if exc.code != 503 or attempt == attempts - 1:
-                raise
-            time.sleep(2**attempt)
-    raise AssertionError("unreachable")
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """A server in its own process group, so stopping it stops its workers too."""
-    with log.open("w") as out:
-        return subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("servers")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    prefect_port, mlflow_port = free_port(), free_port()
-    prefect_env = env | {
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    prefect = start(
-        [
-            str(BIN / "prefect"),
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(prefect_port),
-        ],
-        prefect_env,
-        root / "prefect.log",
-    )
+    env = clean_env()
+    mlflow_port = free_port()
     mlflow = start(
         [
             str(BIN / "mlflow"),
@@ -130,20 +54,11 @@ def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
         root / "mlflow.log",
     )
     try:
-        prefect_url, mlflow_url = (
-            f"http://127.0.0.1:{prefect_port}",
-            f"http://127.0.0.1:{mlflow_port}",
-        )
-        # The first start migrates Prefect's fresh database: slow on a busy machine.
-        wait_healthy(f"{prefect_url}/api/health", prefect, root / "prefect.log", 240)
-        wait_healthy(f"{mlflow_url}/health", mlflow, root / "mlflow.log", 120)
-        yield {
-            "PREFECT_API_URL": f"{prefect_url}/api",
-            "MLFLOW_TRACKING_URI": mlflow_url,
-            "env": env,
-        }
+        with prefect_server(root, env) as api:
+            mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+            wait_healthy(f"{mlflow_url}/health", mlflow, root / "mlflow.log", 120)
+            yield {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_url, "env": env}
     finally:
-        stop(prefect)
         stop(mlflow)
 
 
@@ -164,15 +79,7 @@ def flow_run_id(stdout: str) -> str:
 def test_pipeline_against_real_prefect_and_mlflow_servers(tmp_path, servers):
     archive = tiny_archive(tmp_path / "archive")
     (archive / "broken.tif").unlink()
-    config = tmp_path / "pipeline.yaml"
-    tree: dict = {}
-    for item in TINY:
-        key, _, value = item.partition("=")
-        node = tree
-        for part in key.split(".")[:-1]:
-            node = node.setdefault(part, {})
-        node[key.split(".")[-1]] = yaml.safe_load(value)
-    config.write_text(yaml.safe_dump(tree))
+    config = tiny_config(tmp_path / "pipeline.yaml")
     workdir = tmp_path / "work"
     argv = ["run", str(archive), "--config", str(config), "--workdir", str(workdir)]
 
@@ -244,27 +151,3 @@ def test_pipeline_against_real_prefect_and_mlflow_servers(tmp_path, servers):
         assert {t["state"]["name"] for t in tasks} == {"Cached"}
     finally:
         stop(serve)
-
-
-def wait_for_deployment(api: str, name: str, serve: subprocess.Popen, log: Path) -> dict:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        found = http(f"{api}/deployments/filter", {"deployments": {"name": {"any_": [name]}}})
-        if found:
-            return found[0]
-        if serve.poll() is not None:
-            pytest.fail(f"segflow serve exited:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
-    pytest.fail(f"deployment {name} never appeared:\n{log.read_text()[-3000:]}")
-
-
-def wait_for_flow_run(api: str, run_id: str, serve: subprocess.Popen, log: Path) -> str:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        state = http(f"{api}/flow_runs/{run_id}")["state"]
-        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return state["type"]
-        if serve.poll() is not None:
-            pytest.fail(f"segflow serve exited:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
-    pytest.fail(f"flow run {run_id} did not finish:\n{log.read_text()[-3000:]}")
