@@ -20,15 +20,18 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.states import Failed
+from train_stores import synthetic_store
 
 from flows.cache_keys import digest, file_identity, settings_of
 from flows.deployments import NIGHTLY, deployments
 from flows.outcomes import RunSummary, StageOutcome
 from flows.pipeline import (
     PipelineConfig,
+    has_weight_maps,
     infer_flow,
     ingest_flow,
     pipeline_flow,
+    stores_ready,
     train_flow,
     weights_flow,
 )
@@ -38,7 +41,7 @@ from flows.tasks import infer_task, ingest_slide_task, is_transient, train_task
 from pipelines.config import load_config
 from pipelines.ingest import IngestConfig, IngestError
 from pipelines.train import TrainConfig
-from segcore.store import SlideStore
+from segcore.store import SlideStore, StoreError
 
 
 @pytest.fixture(autouse=True)
@@ -245,3 +248,19 @@ def test_io_errors_are_retried_bad_input_is_not():
     assert not is_transient(ingest_slide_task, None, Failed(data=IngestError("x.tif: corrupt")))
     assert ingest_slide_task.retries == 2 and infer_task.retries == 2
     assert train_task.retries == 0  # a rerun would start a second MLflow run
+
+
+def test_folders_of_stores_keep_the_stores_ready_for_the_stage(tmp_path):
+    folder = tmp_path / "stores"
+    ready = synthetic_store(folder / "a.zarr", size=64)
+    plain = synthetic_store(folder / "b.zarr", size=64)
+    shutil.rmtree(plain / "training")
+    broken = synthetic_store(folder / "c.zarr", size=64)
+    (broken / "zarr.json").write_text("{not json")
+    # The unreadable store stays, so its own task fails and names the problem.
+    assert stores_ready([folder], has_weight_maps, "to train on") == [ready, broken]
+    assert stores_ready([plain], has_weight_maps, "to train on") == [plain]  # named: kept
+    shutil.rmtree(ready / "training")
+    shutil.rmtree(broken)
+    with pytest.raises(StoreError, match=f"^{folder}: no store with weight maps$"):
+        stores_ready([folder], has_weight_maps, "with weight maps")
