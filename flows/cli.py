@@ -2,7 +2,7 @@
 
     segflow ingest SLIDES_OR_FOLDERS... [--config ingest.yaml] [key=value ...]
     segflow weights [STORES_OR_FOLDERS...] [--config weights.yaml] [key=value ...]
-    segflow train [STORES...] [--config train.yaml] [key=value ...]
+    segflow train [STORES_OR_FOLDERS...] [--config train.yaml] [key=value ...]
     segflow infer [STORES_OR_FOLDERS...] [--model URI] [--archive DIR] [--config infer.yaml] ...
     segflow run [ARCHIVE] [--config pipeline.yaml] [key=value ...]
     segflow serve [ARCHIVE] [--config pipeline.yaml] [--cron "0 2 * * *"] [key=value ...]
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "items",
         nargs="*",
-        metavar="STORE|key=value",
-        help="training stores (or `stores=[...]` in the configuration); " + kv("train"),
+        metavar="STORE|FOLDER|key=value",
+        help="stores, or folders of stores of which those with weight maps are trained on "
+        "(default: <workdir>/stores); " + kv("train"),
     )
     _common(train, "YAML file of TrainConfig fields")
 
@@ -220,13 +221,17 @@ def _train_rank(args, runtime, paths, overrides) -> int:
 
 def _train_config(args, runtime, paths, overrides):
     from pipelines.train import TrainConfig
+    from pipelines.training.stores import training_stores
 
     if paths:
         overrides = [f"stores=[{', '.join(map(str, existing(paths)))}]", *overrides]
     config = load(TrainConfig, args.config, overrides)
-    return config.model_copy(
+    config = config.model_copy(
         update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
     )
+    # Folders (and the default <workdir>/stores) expanded before the flow starts: a missing or
+    # empty one fails in one line, and the flow's parameters name every store trained on.
+    return config.model_copy(update={"stores": training_stores(config)})
 
 
 def _ingest(args, runtime, paths, overrides) -> int:
@@ -251,10 +256,8 @@ def _weights(args, runtime, paths, overrides) -> int:
 
 def _train(args, runtime, paths, overrides) -> int:
     from flows.pipeline import train_flow
-    from pipelines.sources import find_stores
 
     config = _train_config(args, runtime, paths, overrides)
-    find_stores(config.stores)
     return _run(args, runtime, train_flow, train=config)
 
 

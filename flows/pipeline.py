@@ -35,6 +35,7 @@ from pipelines.redaction import redact_text, redact_uri
 from pipelines.sources import find_slides, find_stores, is_store
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.training.config import DEFAULT_MODEL_NAME
+from pipelines.training.stores import training_stores
 from pipelines.weightmaps import WeightsConfig
 from segcore.store import SlideStore, StoreError
 
@@ -193,17 +194,14 @@ def weights_flow(
 @flow(name="segflow-train", task_runner=_runner())
 def train_flow(train: TrainConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSummary:
     """Train, track and register a U-Net on the stores `train` names: stores, or folders of
-    stores of which those with weight maps (and not named for validation) are trained on."""
+    stores of which those with weight maps (and not named for validation) are trained on,
+    by default those of `<workdir>/stores` (pipelines.training.stores)."""
     runtime = runtime.resolved(os.environ)
-    held_out = {s.resolve() for s in train.val_stores}
-
-    def ready(store: Path) -> bool:
-        return has_weight_maps(store) and store.resolve() not in held_out
-
-    stores = stores_ready(train.stores, ready, "with weight maps to train on (run weights first)")
     config = train.model_copy(
-        update={"stores": stores, "tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
+        update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
     )
+    # Expanded here too (training does it itself), so that the task's cache key names them.
+    config = config.model_copy(update={"stores": training_stores(config)})
     summary = RunSummary("train")
     _train_stage(config, summary)
     return _finish(summary)

@@ -33,6 +33,7 @@ from pipelines.training.module import UNetModule, ValidateAtEnd
 from pipelines.training.normalization import estimate_normalization
 from pipelines.training.progress import ProgressLog
 from pipelines.training.registry import log_and_register, model_metadata
+from pipelines.training.stores import training_stores
 from pipelines.training.tracking import (
     LAST_CHECKPOINT,
     ResumePoint,
@@ -208,6 +209,8 @@ def _finish_run(
 def train(config: TrainConfig) -> TrainResult:
     """Train, checkpoint, track and register one U-Net as `config` says."""
     require_mlflow(config.resolved_tracking_uri)  # before any work: a dead server fails now
+    # Every rank expands the same folders alike (DDP re-runs this with the same config).
+    config = config.model_copy(update={"stores": training_stores(config)})
     pl.seed_everything(config.seed, workers=True, verbose=False)
     config.workdir.mkdir(parents=True, exist_ok=True)
     resume: ResumePoint | None = None

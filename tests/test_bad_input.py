@@ -379,7 +379,7 @@ def train_missing_weight_chunk(w: World):
 
 
 def train_nothing(w: World):
-    return ["train", *w.common()], ["invalid TrainConfig: stores:"]
+    return ["train", *w.common()], [f"{w.stores}: no stores named and none here"]
 
 
 def train_store_missing(w: World):

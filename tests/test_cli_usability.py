@@ -6,11 +6,15 @@ from __future__ import annotations
 import io
 import random
 import re
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
+from flow_helpers import prefect_api
 from mlflow.tracking import MlflowClient
 from rich.console import Console
-from train_stores import disk_store, tiny_config
+from train_stores import disk_store, tiny_config, write_store
 
 from flows.cli import build_parser, main
 from flows.config_help import COMMAND_STAGES, EXAMPLES, STAGE_CONFIGS, config_keys, stage_config
@@ -20,7 +24,9 @@ from flows.demo import DEMO_CONFIG
 from flows.outcomes import RunSummary, StageOutcome, TrainedModel
 from flows.pipeline import CHAMPION, PipelineConfig
 from pipelines.train import TrainConfig, train
+from pipelines.training.stores import training_stores
 from pipelines.training.tracking import unique_run_name
+from segcore.store import StoreError
 
 
 def test_the_demo_registers_the_model_infer_uses_by_default(tmp_path):
@@ -99,7 +105,7 @@ def test_a_failed_training_says_so():
 
 
 #: What each configuration needs before a key=value can be checked against it.
-REQUIRED = {"train": {"stores": ["s.zarr"]}, "run": {"archive": "archive"}}
+REQUIRED = {"run": {"archive": "archive"}}
 
 
 @pytest.mark.parametrize("stage", list(STAGE_CONFIGS))
@@ -127,7 +133,8 @@ def test_config_lists_nested_keys_with_type_default_and_meaning(capsys):
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()[1:]}
     assert out.startswith("train: TrainConfig (")
-    assert lines["stores"].startswith("list[path]") and "required" in lines["stores"]
+    assert lines["stores"].split()[:2] == ["list[path]", "[]"]
+    assert "<workdir>/stores" in lines["stores"]
     assert lines["optimizer.lr"].split()[:2] == ["float", "0.01"]
     assert "Learning rate" in lines["optimizer.lr"]
     assert lines["optimizer.name"].split()[:4] == ["'sgd'", "|", "'adamw'", "sgd"]
@@ -139,6 +146,7 @@ def test_config_lists_nested_keys_with_type_default_and_meaning(capsys):
     out = capsys.readouterr().out
     assert "\n  train.optimizer.lr " in out and "\n  ingest.chunk_size " in out
     assert "\n  holdout " in out
+    assert "\n  archive " in out and out.split("\n  archive ")[1].split()[1] == "required"
 
 
 def test_config_without_a_stage_lists_them_all(capsys):
@@ -162,3 +170,93 @@ def test_config_refuses_an_unknown_stage(capsys):
         main(["config", "trian"])
     assert exit_.value.code == 2
     assert "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def unweighted_store(path: Path) -> Path:
+    """A labelled store before `segflow weights`: image and tissue, no training group."""
+    write_store(path, np.full((1, 64, 64), 100, np.uint8), np.zeros((64, 64), np.uint32))
+    shutil.rmtree(path / "training")
+    (path / "training").mkdir()  # an empty folder is no array either
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """<workdir>/stores with two weighted stores and one without weight maps."""
+    stores = tmp_path / "work" / "stores"
+    stores.mkdir(parents=True)
+    for name, seed in (("a", 0), ("b", 1)):
+        disk_store(stores / f"{name}.zarr", size=64, seed=seed)
+    unweighted_store(stores / "c.zarr")
+    return tmp_path / "work"
+
+
+def test_training_defaults_to_the_weighted_stores_of_the_workdir(workdir):
+    config = TrainConfig(workdir=workdir)
+    assert training_stores(config) == [workdir / "stores" / "a.zarr", workdir / "stores" / "b.zarr"]
+
+
+def test_a_folder_of_stores_leaves_out_validation_stores_and_keeps_named_ones(workdir):
+    stores = workdir / "stores"
+    config = TrainConfig(
+        workdir=workdir, stores=[stores, stores / "c.zarr"], val_stores=[stores / "b.zarr"]
+    )
+    assert training_stores(config) == [stores / "a.zarr", stores / "c.zarr"]
+
+
+def test_a_folder_without_weight_maps_is_an_error_naming_it(tmp_path):
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    unweighted_store(folder / "c.zarr")
+    with pytest.raises(StoreError, match=f"^{folder}: none of its 1 store"):
+        training_stores(TrainConfig(stores=[folder]))
+
+
+def test_train_without_stores_or_workdir_stores_is_one_line(tmp_path, capsys):
+    workdir = tmp_path / "empty"
+    assert main(["train", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segflow: error: {workdir / 'stores'}: no stores named and none here")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not workdir.exists()
+
+
+def test_train_on_a_folder_of_unweighted_stores_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    unweighted_store(folder / "c.zarr")
+    assert main(["train", str(folder), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"segflow: error: {folder}: none of its 1 store(s) has weight maps to train on "
+        "(run `segflow weights` first)\n"
+    )
+
+
+@pytest.mark.slow  # ~60 s: a Prefect server and a short training
+@pytest.mark.integration
+def test_train_with_no_stores_named_trains_on_the_workdir_and_reports_it(
+    workdir, capsys, monkeypatch
+):
+    monkeypatch.chdir(workdir.parent)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tiny = ["model.base_channels=4", "model.depth=3", "output_size=32", "batch_size=2"]
+    steps = ["max_steps=4", "steps_per_epoch=2", "checkpoint_every=2", "num_workers=0"]
+    with prefect_api():
+        code = main(["train", "--workdir", str(workdir), *tiny, *steps])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "train: trained segflow-unet version 1"
+    assert lines[1].startswith("model:      segflow-unet version 1 (became champion;")
+    run_id = lines[2].removeprefix("MLflow run: ")
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id), lines[2]
+    assert lines[3].startswith("metrics:    ") and "train_loss" in lines[3]
+    # Progress as lines (stderr is not a terminal here): the first and the last step.
+    progress = [line for line in err.splitlines() if line.startswith("train: step")]
+    assert progress[0].startswith("train: step 1/4") and progress[-1].startswith("train: step 4/4")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    records = client.list_artifacts(run_id)
+    assert "dataset.json" in {r.path for r in records}
+    trained_on = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+    assert trained_on == {"a", "b"}  # c has no weight maps

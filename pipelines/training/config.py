@@ -73,8 +73,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: Stores to train on (with weight maps: `segflow weights`).
-    stores: list[Path] = Field(min_length=1)
+    #: Stores, or folders of stores, to train on; [] = <workdir>/stores. Of a folder, the stores
+    #: with weight maps (`segflow weights`) that are not validation stores.
+    stores: list[Path] = Field(default_factory=list)
     #: Whole stores held out to validate on and pick the champion by.
     val_stores: list[Path] = Field(default_factory=list)
     #: Held-out regions of stores, validated on like `val_stores`.
