@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.interrupt import on_interrupt
 from pipelines.cluster import ClusterConfig
+from pipelines.redaction import RedactedUri
 
 #: Where the user already put Prefect's results (and so the task cache).
 STORAGE_VARIABLES = (
@@ -37,10 +38,10 @@ class Runtime(BaseModel):
 
     workdir: Path = Path("segflow-work")
     #: None = the embedded `sqlite:///<workdir>/mlflow.db` (artifacts in <workdir>/mlartifacts).
-    tracking_uri: str | None = None
+    tracking_uri: RedactedUri = None
     #: A running Dask scheduler for every stage; None = each stage starts the LocalCluster its
     #: own `cluster` settings describe.
-    scheduler_address: str | None = None
+    scheduler_address: RedactedUri = None
 
     @property
     def stores_dir(self) -> Path:

@@ -41,6 +41,7 @@ from pipelines.inference.outputs import (
 from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.inference.report import RunProgress, print_summary, run_progress
 from pipelines.inference.source import resolve_model
+from pipelines.redaction import RedactedUri
 from pipelines.sources import find_stores
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
@@ -82,7 +83,7 @@ class InferConfig(BaseModel):
     cluster: ClusterConfig = Field(default_factory=_default_cluster)
     overwrite: bool = False
     progress: bool = True
-    tracking_uri: str | None = None
+    tracking_uri: RedactedUri = None
 
 
 @dataclass

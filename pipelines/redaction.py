@@ -15,8 +15,10 @@ reads the same after redaction.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit
+
+from pydantic import PlainSerializer
 
 MASK = "***"
 
@@ -85,3 +87,14 @@ def redact_tree(tree: Any) -> Any:
     if isinstance(tree, list | tuple):
         return [redact_tree(value) for value in tree]
     return redact_text(tree) if isinstance(tree, str) else tree
+
+
+def _redact_optional(uri: str | None) -> str | None:
+    return None if uri is None else redact_uri(uri)
+
+
+#: A URI setting whose JSON form never carries credentials: what Prefect records as a flow
+#: run's parameters and what a configuration dumps, while the Python value the run itself
+#: uses keeps them. Example: Runtime(tracking_uri="https://u:pw@mlflow").model_dump(mode="json")
+#: holds "https://u:***@mlflow".
+RedactedUri = Annotated[str | None, PlainSerializer(_redact_optional, when_used="json")]

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from flow_helpers import prefect_api
 from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
 from train_stores import disk_store, tiny_config
 
 from flows.cli import main
@@ -165,7 +166,7 @@ def test_training_logs_no_credentials(tmp_path):
 @pytest.mark.slow  # ~25 s, most of it starting a Prefect server
 def test_cli_prints_the_tracking_uri_without_its_password(tmp_path, capsys):
     """`segflow ingest` with a credentialed --tracking-uri (ingest never contacts MLflow): the
-    summary names the server, the password appears nowhere on the terminal."""
+    summary names the server, the password appears nowhere on the terminal or in Prefect."""
     archive = tmp_path / "archive"
     archive.mkdir()
     write_synthetic_slide(archive / "s.tif", tmp_path / "truth.tif", 128, 128, seed=1)
@@ -174,7 +175,12 @@ def test_cli_prints_the_tracking_uri_without_its_password(tmp_path, capsys):
     argv += ["cluster.processes=false", "--workdir", str(tmp_path / "w"), "--tracking-uri", uri]
     with prefect_api():
         status = main(argv)
+        with get_client(sync_client=True) as client:
+            recorded = json.dumps([run.parameters for run in client.read_flow_runs()])
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "MLflow: https://alice:***@mlflow.example.org/?token=***" in out.splitlines()
     assert "s3cret" not in out + err and "t0k3n" not in out + err
+    # Prefect's own record of the run's parameters (its database, UI and API) neither.
+    assert "https://alice:***@mlflow.example.org" in recorded
+    assert "s3cret" not in recorded and "t0k3n" not in recorded

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.redaction import RedactedUri
 from segcore.augment import AugmentConfig
 from segcore.geometry import Padding
 from segcore.normalization import Normalization
@@ -126,7 +127,7 @@ class TrainConfig(BaseModel):
     workdir: Path = Path("segflow-work")
     #: MLflow tracking URI; None = sqlite:///<workdir>/mlflow.db with artifacts in
     #: <workdir>/mlartifacts. MLFLOW_TRACKING_URI is read here, once, when the config is built.
-    tracking_uri: str | None = Field(default_factory=_tracking_uri_from_environment)
+    tracking_uri: RedactedUri = Field(default_factory=_tracking_uri_from_environment)
     experiment: str = DEFAULT_MODEL_NAME
     #: Registered model the trained version joins (and whose `champion` it may become).
     registered_model_name: str = DEFAULT_MODEL_NAME
