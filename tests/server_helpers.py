@@ -40,7 +40,8 @@ def http(url: str, payload: dict | None = None, attempts: int = 5) -> dict:
 
     A 503 is retried with backoff, as Prefect's own client does: the server answers 503 when
     its SQLite database is briefly locked by a concurrent writer (the serve process), and the
-    request was not applied.
+    request was not applied. A GET that times out (the same lock, held longer on a busy
+    machine) is retried too; a POST is not, as it may have been applied.
     """
     data = json.dumps(payload).encode() if payload is not None else None
     for attempt in range(attempts):
@@ -53,7 +54,10 @@ def http(url: str, payload: dict | None = None, attempts: int = 5) -> dict:
         except urllib.error.HTTPError as exc:
             if exc.code != 503 or attempt == attempts - 1:
                 raise
-            time.sleep(2**attempt)
+        except TimeoutError:
+            if data is not None or attempt == attempts - 1:
+                raise
+        time.sleep(2**attempt)
     raise AssertionError("unreachable")
 
 

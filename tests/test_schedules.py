@@ -112,7 +112,9 @@ def test_the_nightly_schedule_fires_and_every_deployment_runs_as_shipped(tmp_pat
             ]
             assert segmentation.attrs["segflow"]["model_uri"] == "models:/segflow-unet/1"
 
-            # Every other deployment runs as shipped: no parameter beyond what it carries.
+            # Every other deployment runs as shipped: no parameter beyond what it carries. The
+            # schedule is paused first, so runs every minute do not queue between them.
+            http(f"{api}/deployments/{nightly['id']}/pause_deployment", {})
             for name in ("train", "weights", "ingest", "infer", "pipeline"):
                 (deployment,) = http(
                     f"{api}/deployments/filter",
