@@ -89,9 +89,9 @@ def test_configuration_errors_name_the_file_and_the_problem(tmp_path, capsys):
     assert code == 2
     assert_one_line_error(err, "absent.yaml: no such configuration file")
 
-    code, _, err = run(capsys, "train")
+    code, _, err = run(capsys, "train", "--workdir", str(tmp_path / "w"))
     assert code == 2
-    assert_one_line_error(err, "invalid TrainConfig: stores:")
+    assert_one_line_error(err, f"{tmp_path / 'w' / 'stores'}: no stores named and none here")
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
