@@ -16,7 +16,6 @@ failed runs catches it), its artifact still showing every slide.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow
@@ -81,31 +80,34 @@ def is_labelled(store: Path) -> bool:
     return SlideStore.open(store).annotations is not None
 
 
-def has_weight_maps(store: Path) -> bool:
-    """Whether a store has the training target and weights that training reads."""
-    return SlideStore.open(store).weight is not None
-
-
-def stores_ready(paths: list[Path], ready: Callable[[Path], bool], purpose: str) -> list[Path]:
-    """Stores named directly, and those of named folders that are `ready` for a stage.
+def labelled_stores(paths: list[Path]) -> list[Path]:
+    """Stores named directly, and the labelled ones of named folders.
 
     A folder of an archive's stores (the workdir's, as the deployments name it) also holds
-    slides without labels, which have nothing to offer to weight maps or training; a store
-    named directly is kept, and fails its own task when it is not ready.
+    slides without labels, which have no weight maps to compute (training's rule for folders is
+    pipelines.training.stores). A store named directly is kept, and so is an unreadable one:
+    each fails its own task, saying why. A folder without a labelled store is an error.
     """
 
     def kept(store: Path) -> bool:
         try:
-            return ready(store)
-        except StoreError:  # unreadable: its own task fails and says why
+            return is_labelled(store)
+        except StoreError:
             return True
 
     stores: list[Path] = []
     for path in map(Path, paths):
         found = find_stores([path])
-        stores += found if is_store(path) else [s for s in found if kept(s)]
-    if not stores:
-        raise StoreError(f"{', '.join(map(str, paths))}: no store {purpose}")
+        if is_store(path):
+            stores += found
+            continue
+        labelled = [s for s in found if kept(s)]
+        if not labelled:
+            raise StoreError(
+                f"{path}: none of its {len(found)} store(s) has annotations to compute weight "
+                "maps from"
+            )
+        stores += labelled
     return stores
 
 
@@ -186,7 +188,7 @@ def weights_flow(
     """Weight maps of labelled stores (store paths, or folders of stores)."""
     runtime = runtime.resolved(os.environ)
     summary = RunSummary("weights")
-    labelled = stores_ready(stores, is_labelled, "with annotations to compute weight maps from")
+    labelled = labelled_stores(stores)
     summary.outcomes += [o for o, _ in run_weights(labelled, weights, runtime)]
     return _finish(summary)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import zarr
 from flow_helpers import TINY, prefect_api, tiny_archive
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
@@ -27,11 +28,10 @@ from flows.deployments import NIGHTLY, deployments
 from flows.outcomes import RunSummary, StageOutcome
 from flows.pipeline import (
     PipelineConfig,
-    has_weight_maps,
     infer_flow,
     ingest_flow,
+    labelled_stores,
     pipeline_flow,
-    stores_ready,
     train_flow,
     weights_flow,
 )
@@ -250,17 +250,19 @@ def test_io_errors_are_retried_bad_input_is_not():
     assert train_task.retries == 0  # a rerun would start a second MLflow run
 
 
-def test_folders_of_stores_keep_the_stores_ready_for_the_stage(tmp_path):
+def test_weight_maps_of_a_folder_are_those_of_its_labelled_stores(tmp_path):
     folder = tmp_path / "stores"
-    ready = synthetic_store(folder / "a.zarr", size=64)
-    plain = synthetic_store(folder / "b.zarr", size=64)
-    shutil.rmtree(plain / "training")
+    labelled = synthetic_store(folder / "a.zarr", size=64)
+    zarr.open_group(labelled, mode="a").create_array(
+        "labels/annotations/0", shape=(64, 64), dtype="uint32"
+    )
+    plain = synthetic_store(folder / "b.zarr", size=64)  # no annotations
     broken = synthetic_store(folder / "c.zarr", size=64)
     (broken / "zarr.json").write_text("{not json")
     # The unreadable store stays, so its own task fails and names the problem.
-    assert stores_ready([folder], has_weight_maps, "to train on") == [ready, broken]
-    assert stores_ready([plain], has_weight_maps, "to train on") == [plain]  # named: kept
-    shutil.rmtree(ready / "training")
+    assert labelled_stores([folder]) == [labelled, broken]
+    assert labelled_stores([plain]) == [plain]  # named directly: kept, fails in its task
+    shutil.rmtree(labelled)
     shutil.rmtree(broken)
-    with pytest.raises(StoreError, match=f"^{folder}: no store with weight maps$"):
-        stores_ready([folder], has_weight_maps, "with weight maps")
+    with pytest.raises(StoreError, match=f"^{folder}: none of its 1 store"):
+        labelled_stores([folder])
