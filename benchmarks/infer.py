@@ -5,11 +5,14 @@
    threads and channels_last: target ratio >= 0.85.
 2. Peak resident memory of the whole process tree (driver + Dask workers) for a small and a
    large slide, each run in a fresh process: target difference < 25%.
-3. The same image through MONAI's sliding_window_inference (roi 512, overlap 0.25, Gaussian
+3. glibc's allocator: end to end in fresh processes with its defaults and with the settings
+   the `segflow` command applies to itself (flows.allocator); the speed-up is printed.
+4. The same image through MONAI's sliding_window_inference (roi 512, overlap 0.25, Gaussian
    blending, same-padded U-Net of equal depth and widths, same batch and threads): segflow's
    time must be lower.
 
 Usage: python benchmarks/infer.py [--size 8192] [--memory-sizes 4096 16384] [--gpu]
+       [--skip-throughput] [--skip-allocator] [--skip-monai] [--skip-memory]
 `--gpu`: the paper-size U-Net (base 64, depth 5) in bf16 with 2236 px tiles, Mpx/s end-to-end
 vs model alone (needs a CUDA device).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -27,6 +31,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from flows.allocator import SWITCH, TUNED_ENVIRONMENT
 from pipelines.infer import InferConfig, infer_slide
 from pipelines.ingest import IngestConfig, ingest_slide
 from pipelines.sources import SlideSource
@@ -121,9 +126,9 @@ def monai_seconds(model_same: UNet, store: Path, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_of_child(command: list[str]) -> tuple[float, str]:
+def peak_rss_of_child(command: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run `command`; peak summed RSS (GiB) of it and all its descendants, and its stdout."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     root = psutil.Process(proc.pid)
     peak = 0
     done = threading.Event()
@@ -148,6 +153,30 @@ def peak_rss_of_child(command: list[str]) -> tuple[float, str]:
     return peak / 2**30, out
 
 
+def child_command(args: argparse.Namespace, store: Path, model_file: Path) -> list[str]:
+    """This script in child mode: one end-to-end run of `store` in a fresh process."""
+    command = [sys.executable, __file__, "--run-one", str(store), "--model", str(model_file)]
+    command += ["--workdir", args.workdir, "--batch", str(args.batch), "--tile", str(args.tile)]
+    return [*command, "--gpu"] if args.gpu else command
+
+
+def allocator_ratio(args: argparse.Namespace, store: Path, model_file: Path, mpx: float) -> None:
+    """End-to-end Mpx/s in fresh processes with glibc's defaults and with the settings the
+    `segflow` command applies to itself (flows.allocator), interleaved, best of each."""
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain[SWITCH] = "0"
+    tuned = {**plain, **TUNED_ENVIRONMENT}
+    best = {"glibc defaults": float("inf"), "segflow's settings": float("inf")}
+    for _ in range(args.repeats):
+        for name, env in (("glibc defaults", plain), ("segflow's settings", tuned)):
+            _, out = peak_rss_of_child(child_command(args, store, model_file), env)
+            best[name] = min(best[name], json.loads(out.strip().splitlines()[-1])["wall"])
+    for name, seconds in best.items():
+        print(f"allocator, {name + ':':<19} {seconds:.1f} s = {mpx / seconds:.2f} Mpx/s")
+    ratio = best["glibc defaults"] / best["segflow's settings"]
+    print(f"allocator speed-up:         {ratio:.2f}x (what every segflow command now gets)")
+
+
 def run_one(args: argparse.Namespace) -> None:
     """Child mode: one end-to-end run, its figures as JSON on stdout."""
     config = bench_config(args, Path(args.workdir) / "out")
@@ -169,6 +198,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved; best is kept")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-monai", action="store_true")
+    parser.add_argument("--skip-allocator", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--workdir", default="/tmp/segflow-bench-infer")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
@@ -220,6 +250,9 @@ def main() -> None:
         print(f"throughput ratio:           {alone / end_to_end:.3f} (target >= 0.85)")
         print(f"CPU-time ratio:             {alone_cpu / e2e_cpu:.3f}")
 
+        if not args.skip_allocator and not args.gpu:
+            allocator_ratio(args, store, model_file, mpx)
+
         if not args.skip_monai and not args.gpu:
             same = UNet(3, 2, base_channels=args.base, depth=args.depth, padding="same").eval()
             monai_s = monai_seconds(same, store, args.batch)
@@ -230,23 +263,7 @@ def main() -> None:
         peaks = {}
         for size in args.memory_sizes:
             slide = synthetic_store(workdir, size)
-            command = [
-                sys.executable,
-                __file__,
-                "--run-one",
-                str(slide),
-                "--model",
-                str(model_file),
-                "--workdir",
-                str(workdir),
-                "--batch",
-                str(args.batch),
-                "--tile",
-                str(args.tile),
-            ]
-            if args.gpu:
-                command.append("--gpu")
-            peak, out = peak_rss_of_child(command)
+            peak, out = peak_rss_of_child(child_command(args, slide, model_file))
             peaks[size] = peak
             figures = json.loads(out.strip().splitlines()[-1])
             print(

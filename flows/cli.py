@@ -368,5 +368,9 @@ COMMANDS: dict[str, Callable[..., int]] = {
 }
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `segflow` console script: `main` in a process with glibc's allocator tuned."""
+    from flows.allocator import reexecute_tuned
+
+    reexecute_tuned(sys.argv)
     raise SystemExit(main())
