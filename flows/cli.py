@@ -1,10 +1,11 @@
 """The `segflow` command line: each stage alone, the whole pipeline, scheduled serving, a demo.
 
     segflow ingest SLIDES_OR_FOLDERS... [--config ingest.yaml] [key=value ...]
+    segflow ingest IMAGE --labels LABELS | --manifest pairs.csv   explicit image/label pairs
     segflow weights [STORES_OR_FOLDERS...] [--config weights.yaml] [key=value ...]
     segflow train [STORES_OR_FOLDERS...] [--config train.yaml] [key=value ...]
     segflow infer [STORES_OR_FOLDERS...] [--model URI] [--archive DIR] [--config infer.yaml] ...
-    segflow run [ARCHIVE] [--config pipeline.yaml] [key=value ...]
+    segflow run [ARCHIVE | --manifest pairs.csv] [--config pipeline.yaml] [key=value ...]
     segflow serve [ARCHIVE] [--config pipeline.yaml] [--cron "0 2 * * *"] [key=value ...]
     segflow demo
     segflow config [STAGE]      every configuration key of a command: type, default, meaning
@@ -33,6 +34,9 @@ from pipelines.redaction import redact_text, redact_uri
 EXIT_FAILED_SLIDES = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+MANIFEST_HELP = (
+    "CSV of image/label pairs (columns image,labels[,page]; paths relative to its folder)"
+)
 
 
 def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
@@ -69,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     ingest = commands.add_parser("ingest", help="slides -> OME-Zarr stores (stage 1)")
-    ingest.add_argument("items", nargs="*", metavar="SLIDE|FOLDER|key=value", help=kv("ingest"))
+    ingest.add_argument(
+        "items",
+        nargs="*",
+        metavar="SLIDE|FOLDER|MANIFEST|key=value",
+        help="slides, folders of slides, .csv manifests; " + kv("ingest"),
+    )
+    ingest.add_argument(
+        "--labels", type=Path, help="the label image of the one SLIDE named (an explicit pair)"
+    )
+    ingest.add_argument("--manifest", type=Path, help=MANIFEST_HELP)
     _common(ingest, "YAML file of IngestConfig fields")
 
     weights = commands.add_parser("weights", help="weight maps of labelled stores (stage 2)")
@@ -101,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--model", default=None, help="model URI or file (default: models:/segflow-unet@champion)"
     )
-    infer.add_argument("--archive", type=Path, help="also ingest and segment the slides here")
+    infer.add_argument(
+        "--archive",
+        type=Path,
+        help="also ingest and segment the slides here (a folder, or a .csv manifest of pairs)",
+    )
     _common(infer, "YAML file of InferConfig fields")
 
     for name, text in (
@@ -116,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="folder of slides (or `archive:` in the configuration); " + kv(name),
         )
         _common(command, "YAML file of PipelineConfig fields (sections ingest, weights, ...)")
+        command.add_argument("--manifest", type=Path, help=MANIFEST_HELP + "; the archive")
         if name == "serve":
             command.add_argument(
                 "--cron", default="0 2 * * *", help="nightly schedule (default: %(default)s)"
@@ -237,11 +255,21 @@ def _train_config(args, runtime, paths, overrides):
 def _ingest(args, runtime, paths, overrides) -> int:
     from flows.pipeline import ingest_flow
     from pipelines.ingest import IngestConfig
-    from pipelines.sources import find_slides
+    from pipelines.sources import SlideSource, as_manifest, find_slides
 
     config = load(IngestConfig, args.config, overrides)
-    find_slides(paths)  # no such path, no slide in a folder: fail before any flow starts
-    return _run(args, runtime, ingest_flow, sources=paths, ingest=config)
+    sources: list[Path | SlideSource] = list(paths)
+    if args.labels is not None:
+        if len(paths) != 1:
+            raise UsageError(
+                f"--labels {args.labels}: name exactly one slide with it (got {len(paths)}); "
+                "pair several in a manifest (--manifest pairs.csv)"
+            )
+        sources = [SlideSource(image=paths[0], labels=args.labels)]
+    if args.manifest is not None:
+        sources.append(as_manifest(args.manifest))
+    find_slides(sources)  # no such path, no slide in a folder, a bad manifest: fail before a flow
+    return _run(args, runtime, ingest_flow, sources=sources, ingest=config)
 
 
 def _weights(args, runtime, paths, overrides) -> int:
@@ -281,8 +309,10 @@ def _infer(args, runtime, paths, overrides) -> int:
 
 def _pipeline_config(args, paths, overrides):
     from flows.pipeline import PipelineConfig
-    from pipelines.sources import find_slides
+    from pipelines.sources import as_manifest, find_slides
 
+    if args.manifest is not None:
+        paths = [*paths, as_manifest(args.manifest)]
     if len(paths) > 1:
         raise UsageError(f"{args.command}: one archive folder at a time, got {len(paths)}")
     if paths:
@@ -352,6 +382,8 @@ def _run(args, runtime, flow, **parameters) -> int:
     print_report(Console(), outcome.summary, runtime.mlflow_uri)
     print(f"stores: {runtime.stores_dir}\nMLflow: {redact_uri(runtime.mlflow_uri)}")
     print(f"Prefect flow run: {outcome.flow_run_id}")
+    for note in outcome.summary.notes:
+        print(f"segflow: warning: {note}", file=sys.stderr)
     for failure in outcome.summary.failures:
         print(f"segflow: error: {failure.detail or failure.slide}", file=sys.stderr)
     return EXIT_FAILED_SLIDES if outcome.summary.failures else 0
@@ -374,3 +406,7 @@ def entry() -> None:
 
     reexecute_tuned(sys.argv)
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -49,6 +49,8 @@ class RunSummary:
     outcomes: list[StageOutcome] = field(default_factory=list)
     trained: TrainedModel | None = None
     segmented_with: str | None = None
+    #: Warnings that fail nothing, e.g. a label file that pairs with no slide (left out).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[StageOutcome]:
@@ -78,6 +80,8 @@ class RunSummary:
     def markdown(self) -> str:
         """The flow run's Prefect artifact: the model line, then one row per slide."""
         lines = [f"# segflow {self.flow}", "", self.headline(), ""]
+        if self.notes:
+            lines += [*(f"- note: {_escape(note)}" for note in self.notes), ""]
         if self.trained is not None:
             lines += [_trained_line(self.trained), ""]
         if self.segmented_with is not None:

@@ -31,7 +31,7 @@ from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
 from pipelines.infer import InferConfig
 from pipelines.ingest import IngestConfig
 from pipelines.redaction import redact_text, redact_uri
-from pipelines.sources import find_slides, find_stores, is_store
+from pipelines.sources import SlideSource, find_slides, find_stores, is_store
 from pipelines.train import TrainConfig, TrainResult
 from pipelines.training.config import DEFAULT_MODEL_NAME
 from pipelines.training.stores import training_stores
@@ -54,6 +54,7 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: A folder of slides, or a `.csv` manifest of image/label pairs (pipelines.sources).
     archive: Path
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
@@ -134,9 +135,14 @@ def _trained(result: TrainResult) -> TrainedModel:
 
 
 def _ingest_stage(
-    sources: list[Path], config: IngestConfig, runtime: Runtime, summary: RunSummary
+    sources: list[Path | SlideSource],
+    config: IngestConfig,
+    runtime: Runtime,
+    summary: RunSummary,
 ) -> list[Path]:
-    pairs = run_ingest(find_slides(sources), runtime.stores_dir, config, runtime)
+    found = find_slides(sources)
+    summary.notes += found.notes  # label files that pair with no slide: left out, said so
+    pairs = run_ingest(found.sources, runtime.stores_dir, config, runtime)
     summary.outcomes += [outcome for outcome, _ in pairs]
     return [result.store for _, result in pairs if result is not None]
 
@@ -168,11 +174,12 @@ def _infer_stage(
 
 @flow(name="segflow-ingest", task_runner=_runner())
 def ingest_flow(
-    sources: list[Path],
+    sources: list[Path | SlideSource],
     ingest: IngestConfig = DEFAULT_INGEST,
     runtime: Runtime = DEFAULT_RUNTIME,
 ) -> RunSummary:
-    """Ingest slides (files, or folders of slides) into `<workdir>/stores`."""
+    """Ingest slides (files, folders of slides, `.csv` manifests of image/label pairs, or
+    explicit pairs) into `<workdir>/stores`."""
     runtime = runtime.resolved(os.environ)
     summary = RunSummary("ingest")
     _ingest_stage(sources, ingest, runtime, summary)
@@ -220,10 +227,11 @@ def infer_flow(
 ) -> RunSummary:
     """Segment stores with the model at `model_uri`, pinned to one version for the whole run.
 
-    With `archive`, its slides are ingested first (only new or changed ones do any work), so a
-    nightly run over an archive folder segments the slides that are new, and re-segments all
-    of them when the champion has moved; every other slide is answered from the cache or the
-    stage's own run key.
+    With `archive` (a folder of slides or a `.csv` manifest of image/label pairs), its slides
+    are ingested first (only new or changed ones do any work), so a nightly run over an
+    archive folder segments the slides that are new, and re-segments all of them when the
+    champion has moved; every other slide is answered from the cache or the stage's own run
+    key.
     """
     runtime = runtime.resolved(os.environ)
     summary = RunSummary("infer")

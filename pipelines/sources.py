@@ -1,19 +1,35 @@
 """What a run reads: slides (with their label images) and slide stores, found from the paths a
 user names, each checked before any work starts.
 
-    find_slides([archive])     -> SlideSource per slide (stacks expanded into pages), labels paired
+    find_slides([archive])     -> FoundSlides: a SlideSource per slide (stacks expanded into
+                                  pages, labels paired) and a note per label file left out
+    read_manifest(pairs.csv)   -> the slides a manifest names, each row checked
     name_clashes(sources)      -> the sources whose stores would share a name, with the reason
     find_stores([stores_dir])  -> slide stores (`*.zarr` groups) named directly or inside folders
 
 Empty input is an error, never a silent success: a folder with no slide (or no store) in it
 raises naming the folder. A source's identity for "has it changed?" is the sha256 of its
 files (`file_checksums`), never their paths, so a moved archive is not re-ingested.
+
+How a label image pairs with its slide (the one rule; `discover_sources` has the details):
+a file *looks like labels* when a word of its name is a label word (`LABEL_WORDS`: label,
+mask, seg, gt, annotation, ...) or its folder's name ends in one: `a_labels.png`,
+`mask2d.tif`, `train-labels.tif`, `binary_masks/x.png` (not `labelled_cases/x.tif`). It pairs
+with the slide whose name is the same once the label and image words (`IMAGE_WORDS`: image,
+img, volume) are taken out of both (`pairing_key`): `img2d.tif` + `mask2d.tif`,
+`train-volume.tif` + `train-labels.tif` (page by page), `images/x.tif` +
+`binary_masks/x.png`. Such files are never slides of a folder; one that pairs with no slide
+is left out with a note (`FoundSlides.notes`), not silently ingested. Named explicitly (a
+file on its own, `--labels`, a manifest) any file is what it is named as.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,9 +42,29 @@ class IngestError(ValueError):
     """A slide cannot be ingested; the message starts with the offending file's path."""
 
 
-#: Label files next to `<name>.<ext>`: `<name>_labels.*`, `<name>_mask.*`, or `<dir>/<name>.*`.
-LABEL_SUFFIXES = ("_labels", "_mask")
-LABEL_FOLDERS = ("labels", "label", "masks", "mask")
+#: Words (whole, any case) that make a file or folder name look like label images.
+LABEL_WORDS = frozenset(
+    {"label", "labels", "labelled", "labeled", "mask", "masks", "seg", "segs", "segmentation"}
+    | {"segmentations", "gt", "annotation", "annotations", "annot", "annots"}
+)
+#: Words that name the image side of a pair, dropped with the label words by `pairing_key`.
+IMAGE_WORDS = frozenset({"image", "images", "img", "imgs", "volume"})
+#: A name's words: capitalised or lower-case letter runs, digit runs, and what separates them
+#: (`trainLabels` -> train, Labels; `mask2d` -> mask, 2, d; `GTEx` stays one word, not gt).
+_WORDS = re.compile(r"[A-Z]+[a-z]*|[a-z]+|\d+|[^A-Za-z\d]+")
+#: A manifest is a CSV file with these columns (`labels` and `page` optional).
+MANIFEST_SUFFIX = ".csv"
+MANIFEST_COLUMNS = ("image", "labels", "page")
+
+
+def slide_stem(path: Path) -> str:
+    """The file name less its slide extension(s): `a.ome.tif` -> `a`."""
+    stem = path.name
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return stem.removesuffix(".ome")
 
 
 class SlideSource(BaseModel):
@@ -43,26 +79,95 @@ class SlideSource(BaseModel):
     @property
     def name(self) -> str:
         """Store name without `.zarr`: the file name less its extension(s), plus `-pNNN`."""
-        stem = self.image.name
-        for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
-            if stem.lower().endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
-        stem = stem.removesuffix(".ome")
+        stem = slide_stem(self.image)
         return stem if self.page is None else f"{stem}-p{self.page:03d}"
 
 
-def _find_label(image: Path, name: str) -> Path | None:
-    candidates = [image.with_name(name + s) for s in LABEL_SUFFIXES]
-    candidates += [image.parent / folder / name for folder in LABEL_FOLDERS]
-    if image.parent.name in ("images", "image"):
-        candidates += [image.parent.parent / folder / name for folder in LABEL_FOLDERS]
-    for stem in candidates:
-        for ext in sorted({image.suffix, *SUPPORTED_SUFFIXES}, key=lambda e: e != image.suffix):
-            path = stem.with_name(stem.name + ext)
-            if path.is_file():
-                return path
-    return None
+@dataclass(frozen=True)
+class FoundSlides:
+    """The slides to ingest, and one note per label file that none of them takes."""
+
+    sources: list[SlideSource]
+    notes: list[str] = field(default_factory=list)
+
+
+def _has_word(name: str, words: frozenset[str]) -> bool:
+    return any(word.lower() in words for word in _WORDS.findall(name))
+
+
+def _ends_in_word(folder: Path, words: frozenset[str]) -> bool:
+    """Whether the folder's last word of letters is one of `words`: a folder is named for
+    what it holds (`binary_masks`, `Tissue_Images`, `labels_2024`), while `labelled_cases`
+    or `seg_runs` hold cases and runs."""
+    letters = [word for word in _WORDS.findall(folder.name) if word.isalpha()]
+    return bool(letters) and letters[-1].lower() in words
+
+
+def looks_like_labels(path: Path) -> bool:
+    """Whether a word of the file's name is a label word, or its folder's name ends in one."""
+    return _has_word(slide_stem(path), LABEL_WORDS) or _ends_in_word(path.parent, LABEL_WORDS)
+
+
+def pairing_key(stem: str) -> str:
+    """`stem` less its label and image words, each with the separator before it.
+
+    `img2d` and `mask2d` -> `2d`; `train-volume` and `train-labels` -> `train`; `a_labels` ->
+    `a`; `x_seg_v2` -> `x_v2`. Other separators stay: `a-1` and `a1` do not pair.
+    """
+    kept: list[str] = []
+    for word in _WORDS.findall(stem):
+        if word.lower() in LABEL_WORDS | IMAGE_WORDS:
+            if kept and not kept[-1][0].isalnum():
+                kept.pop()
+            continue
+        kept.append(word)
+    return re.sub(r"^[^A-Za-z\d]+|[^A-Za-z\d]+$", "", "".join(kept))
+
+
+def _is_slide_file(path: Path) -> bool:
+    return (
+        path.is_file()
+        and not path.name.startswith(".")
+        and path.suffix.lower() in (SUPPORTED_SUFFIXES)
+    )
+
+
+def _label_folders(folder: Path) -> list[Path]:
+    """Where the label images of `folder`'s slides may be, in order of preference: the folder
+    itself, its label folders, and, when its name ends in an image word (`images`,
+    `Tissue_Images`), the label folders beside it (`labels`, `binary_masks`)."""
+    places = [folder]
+    places += sorted(p for p in folder.iterdir() if p.is_dir() and _ends_in_word(p, LABEL_WORDS))
+    if _ends_in_word(folder, IMAGE_WORDS) and folder.parent != folder:
+        places += sorted(
+            p
+            for p in folder.parent.iterdir()
+            if p.is_dir() and p != folder and _ends_in_word(p, LABEL_WORDS)
+        )
+    return places
+
+
+def _label_files(folder: Path) -> list[tuple[int, Path]]:
+    """(place, file) of every label-looking image file where `folder`'s slides look for theirs."""
+    return [
+        (place, path)
+        for place, where in enumerate(_label_folders(folder))
+        for path in sorted(where.iterdir())
+        if _is_slide_file(path) and looks_like_labels(path)
+    ]
+
+
+def _find_label(image: Path, label_files: Sequence[tuple[int, Path]]) -> Path | None:
+    """The label file of `image`: the same pairing key, the nearest place first, then the
+    image's own extension (a TIFF slide may still have a PNG mask), then by name."""
+    key = pairing_key(slide_stem(image))
+    suffix = image.suffix.lower()
+    candidates = [
+        (place, path.suffix.lower() != suffix, path.name, path)
+        for place, path in label_files
+        if path != image and pairing_key(slide_stem(path)) == key
+    ]
+    return min(candidates)[-1] if candidates else None
 
 
 def expand_pages(source: SlideSource) -> list[SlideSource]:
@@ -78,32 +183,59 @@ def expand_pages(source: SlideSource) -> list[SlideSource]:
     return [source.model_copy(update={"page": p}) for p in range(n_pages)]
 
 
+def _pages(source: SlideSource) -> list[SlideSource]:
+    """`expand_pages`, keeping an unreadable file whole for ingestion to report."""
+    try:
+        return expand_pages(source)
+    except IngestError:
+        return [source]
+
+
 def discover_sources(folder: str | Path) -> list[SlideSource]:
     """The slides in `folder` (not recursive), sorted by name, stacks expanded into pages.
 
-    A file `<name>.<ext>` with a supported extension is a slide; its label image is the first
-    that exists of `<name>_labels.*`, `<name>_mask.*`, `labels|label|masks|mask/<name>.*` in
-    the folder and, when the folder is called `images` or `image`, the same sub-folders beside
-    it (`train/image/0.png` pairs with `train/label/0.png`). The label extension may differ
-    from the image's (a TIFF slide with a PNG mask). Files ending in `_labels`/`_mask` are
-    labels, never slides. Unreadable files are listed as they are, for ingestion to report.
+    A file with a supported extension is a slide unless it looks like labels (a label word in
+    its name, or the folder's name ends in one; see the module's docstring). Its label image
+    is the label-looking file with the same `pairing_key`, looked for in the folder, then in
+    its label folders (names ending in a label word: `labels/`, `masks/`, `GT/`), then, when
+    the folder's name ends in an image word, in the label folders beside it
+    (`train/image/0.png` pairs with `train/label/0.png`, `images/x.tif` with
+    `binary_masks/x.png`); the nearest wins, then one with the slide's own extension. A label
+    file that two slides would pair with is an error (name the pairs in a manifest).
+    Unreadable files are listed as they are, for ingestion to report.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise IngestError(f"{folder}: not a folder")
-    sources = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        name = SlideSource(image=path).name
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES or name.endswith(LABEL_SUFFIXES):
-            continue
-        source = SlideSource(image=path, labels=_find_label(path, name))
-        try:
-            sources.extend(expand_pages(source))
-        except IngestError:  # unreadable: kept whole, so ingesting it reports the problem
-            sources.append(source)
-    return sources
+    label_files = _label_files(folder)
+    sources = [
+        SlideSource(image=path, labels=_find_label(path, label_files))
+        for path in sorted(folder.iterdir())
+        if _is_slide_file(path) and not looks_like_labels(path)
+    ]
+    takers: dict[Path, list[Path]] = {}
+    for source in sources:
+        if source.labels is not None:
+            takers.setdefault(source.labels, []).append(source.image)
+    for labels, images in takers.items():
+        if len(images) > 1:
+            raise IngestError(
+                f"{labels}: label file of {' and '.join(map(str, images))}; "
+                "name the pairs in a manifest (columns image,labels)"
+            )
+    return [page for source in sources for page in _pages(source)]
+
+
+def unpaired_labels(folder: Path, sources: Sequence[SlideSource]) -> list[str]:
+    """A note for every label-looking file where `folder`'s slides look for labels that none
+    of `sources` takes: it is not a slide, and no slide is labelled by it."""
+    taken = {source.labels for source in sources}
+    return [
+        f"{path}: looks like a label image but pairs with no slide; not ingested "
+        "(name its slide in a manifest: image,labels)"
+        for _, path in _label_files(folder)
+        if path not in taken
+    ]
 
 
 def _source_files(path: Path) -> list[Path]:
@@ -141,30 +273,180 @@ def source_checksum(files: dict[str, str], source: SlideSource) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _slides_of(path: Path) -> list[SlideSource]:
+# --- manifests: image/label pairs named explicitly -----------------------------------------
+
+
+def is_manifest(path: Path) -> bool:
+    """Whether `path` names a manifest (a `.csv` file) rather than a slide or a folder."""
+    return path.suffix.lower() == MANIFEST_SUFFIX
+
+
+def as_manifest(path: Path) -> Path:
+    """`path`, checked to be named as a manifest."""
+    if not is_manifest(path):
+        raise IngestError(f"{path}: a manifest is a {MANIFEST_SUFFIX} file (columns image,labels)")
+    return path
+
+
+def read_manifest(path: Path) -> list[SlideSource]:
+    """The slides a manifest names, stacks without a `page` expanded into pages.
+
+    A manifest is a CSV file with a header row and a row per slide: `image` (required),
+    `labels` (may be empty: an unlabelled slide) and `page` (may be empty: every page of a
+    stack, each paired with the same page of the label stack). Paths are relative to the
+    manifest's folder. Example:
+
+        image,labels,page
+        img2d.tif,mask2d.tif,
+        isbi/train-volume.tif,isbi/train-labels.tif,
+        scans/slide-7.svs,,
+
+    Rows are numbered as a spreadsheet shows them (the header is row 1); an error names the
+    manifest and the row: a missing file, an image (or page) named twice, a page beyond the
+    stack, an unknown column, text that is not CSV. A manifest without rows is an error too.
+    """
+    seen: dict[Path, dict[int | None, int]] = {}
+    sources: list[SlideSource] = []
+    row_number = 0  # of the last row read: an unreadable one is the next
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = csv.reader(fh, strict=True)  # bad quoting is an error, not a guess
+            columns = _manifest_columns(path, next(rows, None))
+            row_number = rows.line_num
+            for row in rows:
+                row_number = rows.line_num
+                if any(cell.strip() for cell in row):
+                    sources += _manifest_row(path, row_number, columns, row, seen)
+    except UnicodeDecodeError:
+        raise IngestError(f"{path}: unreadable CSV (not UTF-8 text)") from None
+    except csv.Error as exc:
+        raise IngestError(f"{path}: row {row_number + 1}: unreadable CSV ({exc})") from exc
+    except OSError as exc:
+        raise IngestError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not sources:
+        raise IngestError(f"{path}: no slides in the manifest (a header and no rows)")
+    return sources
+
+
+def _manifest_columns(path: Path, header: list[str] | None) -> list[str]:
+    if header is None:
+        raise IngestError(f"{path}: empty manifest (expected a header row: image,labels,page)")
+    columns = [cell.strip().lower() for cell in header]
+    for column in columns:
+        if column not in MANIFEST_COLUMNS:
+            expected = ", ".join(MANIFEST_COLUMNS)
+            raise IngestError(f"{path}: row 1: unknown column {column!r} (columns: {expected})")
+        if columns.count(column) > 1:
+            raise IngestError(f"{path}: row 1: column {column!r} appears twice")
+    if "image" not in columns:
+        raise IngestError(f"{path}: row 1: no image column (header: {','.join(columns)})")
+    return columns
+
+
+def _manifest_row(
+    manifest: Path,
+    number: int,
+    columns: list[str],
+    row: list[str],
+    seen: dict[Path, dict[int | None, int]],
+) -> list[SlideSource]:
+    """The pages of row `number`'s slide; `seen` (image -> {page: row}) catches repeats."""
+    where = f"{manifest}: row {number}"
+    if len(row) > len(columns):
+        raise IngestError(f"{where}: {len(row)} fields, the header has {len(columns)}")
+    cells = {column: cell.strip() for column, cell in zip(columns, row, strict=False)}
+    if not cells.get("image"):
+        raise IngestError(f"{where}: no image")
+    image = _manifest_file(where, manifest.parent / cells["image"])
+    labels = cells.get("labels")
+    labels_path = _manifest_file(where, manifest.parent / labels) if labels else None
+    page = _manifest_page(where, image, cells.get("page", ""))
+    # An image named twice would be one store written twice, unless the rows name two pages.
+    pages = seen.setdefault(image.resolve(), {})
+    earlier = (
+        list(pages.values()) if page is None else [pages[p] for p in (page, None) if p in pages]
+    )
+    if earlier:
+        raise IngestError(f"{where}: {image} is already in row {earlier[0]}")
+    pages[page] = number
+    return _pages(SlideSource(image=image, labels=labels_path, page=page))
+
+
+def _manifest_file(where: str, path: Path) -> Path:
+    if not path.exists():
+        raise IngestError(f"{where}: {path}: no such file")
+    if not path.is_file():
+        raise IngestError(f"{where}: {path}: not a file")
+    return path
+
+
+def _manifest_page(where: str, image: Path, text: str) -> int | None:
+    """The row's page: empty for every page, else a page the stack has (checked when the
+    stack is readable; an unreadable one fails when ingested, naming the file)."""
+    if not text:
+        return None
+    if not text.isdigit():
+        raise IngestError(f"{where}: page {text!r} is not a whole number >= 0")
+    page = int(text)
+    try:
+        n_pages = page_count(image)
+    except ReaderError:
+        return page
+    if page >= n_pages:
+        raise IngestError(f"{where}: page {page} of {image}, which has {n_pages} page(s)")
+    return page
+
+
+# --- what a run reads --------------------------------------------------------------------
+
+
+def _named_pair(source: SlideSource) -> SlideSource:
+    """An explicit image/label pair (`segflow ingest IMAGE --labels LABELS`), its files checked."""
+    for path in (source.image, source.labels):
+        if path is not None and not path.is_file():
+            raise IngestError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    return source
+
+
+def _slides_of(item: str | Path | SlideSource) -> FoundSlides:
+    if isinstance(item, SlideSource):
+        return FoundSlides(_pages(_named_pair(item)))
+    path = Path(item)
     if path.is_dir():
-        found = discover_sources(path)
-        if not found:
+        sources = discover_sources(path)
+        notes = unpaired_labels(path, sources)
+        if not sources:
             suffixes = ", ".join(sorted(SUPPORTED_SUFFIXES))
-            raise IngestError(f"{path}: no slides found in {path} (looked for {suffixes})")
-        return found
+            left_out = f"; {len(notes)} label file(s) pair with no slide" if notes else ""
+            raise IngestError(
+                f"{path}: no slides found in {path} (looked for {suffixes}{left_out})"
+            )
+        return FoundSlides(sources, notes)
     if not path.exists():
         raise IngestError(f"{path}: no such file or folder")
+    if is_manifest(path):
+        return FoundSlides(read_manifest(path))
     # A file named alone still pairs with its label image, as it would in its folder.
-    paired = [s for s in discover_sources(path.parent) if s.image == path]
-    return paired or [SlideSource(image=path)]
+    labels = _find_label(path, _label_files(path.parent))
+    return FoundSlides(_pages(SlideSource(image=path, labels=labels)))
 
 
-def find_slides(paths: Iterable[str | Path]) -> list[SlideSource]:
-    """The slides named by `paths` (files, or folders read by `discover_sources`).
+def find_slides(items: Iterable[str | Path | SlideSource]) -> FoundSlides:
+    """The slides named by `items`: slide files, folders (`discover_sources`), manifests
+    (`.csv`, `read_manifest`) and explicit image/label pairs (SlideSource), with a note for
+    each label file of a folder that pairs with no slide.
 
-    Raises `IngestError` for a path that does not exist, a folder without a slide, or no
-    path at all.
+    Raises `IngestError` for a path that does not exist, a folder without a slide, a bad
+    manifest, or no item at all.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    items = list(items)
+    if not items:
         raise IngestError("no slides given: name at least one slide or folder of slides")
-    return [source for path in paths for source in _slides_of(path)]
+    found = [_slides_of(item) for item in items]
+    return FoundSlides(
+        [source for each in found for source in each.sources],
+        [note for each in found for note in each.notes],
+    )
 
 
 def name_clashes(sources: Sequence[SlideSource]) -> dict[int, str]:
