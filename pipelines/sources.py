@@ -44,8 +44,8 @@ class IngestError(ValueError):
 
 #: Words (whole, any case) that make a file or folder name look like label images.
 LABEL_WORDS = frozenset(
-    {"label", "labels", "labelled", "labeled", "mask", "masks", "seg", "segs", "segmentation"}
-    | {"segmentations", "gt", "annotation", "annotations", "annot", "annots"}
+    ("label", "labels", "labelled", "labeled", "mask", "masks", "seg", "segs", "segmentation")
+    + ("segmentations", "gt", "annotation", "annotations", "annot", "annots")
 )
 #: Words that name the image side of a pair, dropped with the label words by `pairing_key`.
 IMAGE_WORDS = frozenset({"image", "images", "img", "imgs", "volume"})
@@ -128,7 +128,7 @@ def _is_slide_file(path: Path) -> bool:
     return (
         path.is_file()
         and not path.name.startswith(".")
-        and path.suffix.lower() in (SUPPORTED_SUFFIXES)
+        and path.suffix.lower() in SUPPORTED_SUFFIXES
     )
 
 
@@ -157,15 +157,22 @@ def _label_files(folder: Path) -> list[tuple[int, Path]]:
     ]
 
 
-def _find_label(image: Path, label_files: Sequence[tuple[int, Path]]) -> Path | None:
+def _by_key(label_files: Sequence[tuple[int, Path]]) -> dict[str, list[tuple[int, Path]]]:
+    """Label files by `pairing_key`: one look-up per slide, however large the archive."""
+    index: dict[str, list[tuple[int, Path]]] = {}
+    for place, path in label_files:
+        index.setdefault(pairing_key(slide_stem(path)), []).append((place, path))
+    return index
+
+
+def _find_label(image: Path, by_key: dict[str, list[tuple[int, Path]]]) -> Path | None:
     """The label file of `image`: the same pairing key, the nearest place first, then the
     image's own extension (a TIFF slide may still have a PNG mask), then by name."""
-    key = pairing_key(slide_stem(image))
     suffix = image.suffix.lower()
     candidates = [
         (place, path.suffix.lower() != suffix, path.name, path)
-        for place, path in label_files
-        if path != image and pairing_key(slide_stem(path)) == key
+        for place, path in by_key.get(pairing_key(slide_stem(image)), [])
+        if path != image
     ]
     return min(candidates)[-1] if candidates else None
 
@@ -207,9 +214,9 @@ def discover_sources(folder: str | Path) -> list[SlideSource]:
     folder = Path(folder)
     if not folder.is_dir():
         raise IngestError(f"{folder}: not a folder")
-    label_files = _label_files(folder)
+    by_key = _by_key(_label_files(folder))
     sources = [
-        SlideSource(image=path, labels=_find_label(path, label_files))
+        SlideSource(image=path, labels=_find_label(path, by_key))
         for path in sorted(folder.iterdir())
         if _is_slide_file(path) and not looks_like_labels(path)
     ]
@@ -427,7 +434,7 @@ def _slides_of(item: str | Path | SlideSource) -> FoundSlides:
     if is_manifest(path):
         return FoundSlides(read_manifest(path))
     # A file named alone still pairs with its label image, as it would in its folder.
-    labels = _find_label(path, _label_files(path.parent))
+    labels = _find_label(path, _by_key(_label_files(path.parent)))
     return FoundSlides(_pages(SlideSource(image=path, labels=labels)))
 
 

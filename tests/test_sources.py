@@ -21,6 +21,7 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.cli import main
+from flows.outcomes import RunSummary
 from pipelines.sources import (
     IngestError,
     SlideSource,
@@ -352,6 +353,14 @@ def artifact_markdown(flow_run_id: str, key: str) -> str:
     return artifact.data
 
 
+def test_notes_go_into_the_flow_artifact_above_the_slides():
+    summary = RunSummary("ingest", notes=["x/b_mask.tif: looks like a label image | left out"])
+    lines = summary.markdown().splitlines()
+    assert lines[4] == "- note: x/b_mask.tif: looks like a label image \\| left out"
+    assert lines.index(lines[4]) < next(i for i, line in enumerate(lines) if line.startswith("|"))
+
+
+@pytest.mark.slow  # ~40 s: a Prefect server of its own (17 s) and two ingest flow runs
 @pytest.mark.integration
 def test_cli_ingests_pairs_and_warns_about_label_files_without_a_slide(tmp_path, capsys):
     archive = tmp_path / "archive"
