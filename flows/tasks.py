@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 from flows.cache_keys import digest, file_identity, settings_of, store_identity, stores_identity
 from pipelines.infer import InferConfig, InferResult, infer_slide
 from pipelines.ingest import IngestConfig, IngestResult, SlideSource, ingest_slide
-from pipelines.train import TrainConfig, TrainResult, train
+from pipelines.train import TrainConfig, TrainResult, run_training
 from pipelines.weightmaps import WeightsConfig, WeightsResult, compute_weight_maps
 from segcore.store import TRAINING_GROUP, WEIGHT
 
@@ -97,8 +97,8 @@ def _train_key(context: TaskRunContext, parameters: dict) -> str:
 # Training is not retried: a rerun starts a new MLflow run, and its failures are rarely I/O.
 @task(name="train", task_run_name="train", cache_key_fn=_train_key, persist_result=True)
 def train_task(config: TrainConfig) -> TrainResult:
-    """Train, track and register one U-Net."""
-    return train(config)
+    """Train, track and register one U-Net (its DDP ranks in a child process of their own)."""
+    return run_training(config)
 
 
 def _infer_key(context: TaskRunContext, parameters: dict) -> str:

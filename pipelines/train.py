@@ -12,13 +12,16 @@ import argparse
 import math
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ValidationError
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -29,6 +32,7 @@ from pipelines.redaction import redact_text
 from pipelines.services import require_mlflow
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
+from pipelines.training.launch import ranks
 from pipelines.training.module import UNetModule, ValidateAtEnd
 from pipelines.training.normalization import estimate_normalization
 from pipelines.training.progress import ProgressLog
@@ -304,6 +308,35 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _one_line(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """`train(config)`, in this process when it is the only rank, else in a child
+    `python -m pipelines.train` that Lightning may re-run once per rank (launch.py says why).
+
+    The child reads the configuration from a file in a private folder under the workdir and
+    the tracking URI from its own environment (a written file never holds credentials); its
+    progress and errors go to this process's stderr, its result comes back on stdout.
+    """
+    if ranks(config) == 1:
+        return train(config)
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if config.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = config.tracking_uri
+    with tempfile.TemporaryDirectory(dir=config.workdir, prefix=".train-") as folder:
+        path = Path(folder) / "train.yaml"
+        # Without tracking_uri: the child takes it from MLFLOW_TRACKING_URI, as TrainConfig does.
+        settings = config.model_dump(mode="json", exclude={"tracking_uri"})
+        path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        command = [sys.executable, "-m", "pipelines.train", "--config", str(path)]
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise TrainError(
+            f"training in {ranks(config)} processes failed (exit {done.returncode}; "
+            "its error is printed above)"
+        )
+    return TrainResult.model_validate_json(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -122,3 +123,35 @@ def test_killed_run_resumes_same_run_and_step(tmp_path, stores):
     # Steps from before the kill and after the resume, in one run, none restarted from zero.
     assert set(range(killed_at)) <= steps and max(steps) == target - 1
     assert client.get_run(first_run).info.status == "FINISHED"
+
+
+def test_pipeline_with_ddp_trains_in_ranks_without_rerunning_the_pipeline(tmp_path):
+    """`segflow run ... train.strategy=ddp train.devices=2`: rank 1 joins the training, it does
+    not start a second pipeline (Lightning re-runs the command line of the process that calls
+    fit, so training runs in a child `python -m pipelines.train` of its own)."""
+    from flow_helpers import TINY, tiny_archive
+
+    archive = tiny_archive(tmp_path / "archive")
+    (archive / "broken.tif").unlink()
+    work = tmp_path / "work"
+    ddp = ["train.strategy=ddp", "train.devices=2", "train.accelerator=cpu"]
+    segflow = Path(sys.executable).with_name("segflow")
+    done = subprocess.run(
+        [str(segflow), "run", str(archive), *TINY, *ddp, "--workdir", str(work)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting with 2 processes" in done.stderr  # really two ranks, gloo on CPU
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # only rank 0 logged
+    with sqlite3.connect(work / "prefect" / "prefect.db") as db:
+        flow_runs = db.execute("select count(*) from flow_run").fetchone()[0]
+        ingests = db.execute("select count(*) from task_run where name like 'ingest%'").fetchone()
+    assert flow_runs == 1  # one pipeline, not one per rank
+    assert ingests[0] == 3  # each slide ingested once
