@@ -250,14 +250,14 @@ def main() -> None:
         print(f"throughput ratio:           {alone / end_to_end:.3f} (target >= 0.85)")
         print(f"CPU-time ratio:             {alone_cpu / e2e_cpu:.3f}")
 
-        if not args.skip_allocator and not args.gpu:
-            allocator_ratio(args, store, model_file, mpx)
-
         if not args.skip_monai and not args.gpu:
             same = UNet(3, 2, base_channels=args.base, depth=args.depth, padding="same").eval()
             monai_s = monai_seconds(same, store, args.batch)
             print(f"MONAI sliding window:       {monai_s:.1f} s = {mpx / monai_s:.2f} Mpx/s")
             print(f"segflow / MONAI time:       {end_to_end / monai_s:.3f} (target < 1)")
+
+    if not args.skip_allocator and not args.gpu:
+        allocator_ratio(args, store, model_file, mpx)
 
     if not args.skip_memory:
         peaks = {}
