@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dask
 from distributed import Client, LocalCluster, as_completed
+from distributed.comm import CommClosedError
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.services import connect_scheduler
+from pipelines.redaction import redact_uri
+from pipelines.services import ServiceUnreachableError, connect_scheduler
 
 
 class ClusterConfig(BaseModel):
@@ -49,6 +52,66 @@ def dask_client(config: ClusterConfig | None = None) -> Iterator[Client]:
         Client(cluster) as client,
     ):
         yield client
+
+
+class SchedulerLostError(ServiceUnreachableError):
+    """The Dask scheduler went away mid-run: its work is gone and nothing later can reach it."""
+
+
+#: How long a closed connection may go before the client notices its scheduler is gone.
+NOTICE_S = 5.0
+
+
+def _lost(client: Client) -> bool:
+    # "connecting": the connection dropped and the client tries to reconnect (for its connect
+    # timeout); Dask has cancelled every future already, so the run's work is gone either way.
+    return client.status in ("connecting", "closing", "closed")
+
+
+def _closed_comm(error: BaseException | None) -> bool:
+    """Whether `error` or one of its causes is a closed Dask connection."""
+    while error is not None:
+        if isinstance(error, CommClosedError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _noticed_lost(client: Client, error: Exception) -> bool:
+    """Whether `error` came from losing the scheduler. A call on the connection can fail with
+    CommClosedError a moment before the client itself notices (its status still "running"),
+    so such an error waits up to NOTICE_S for it; any other error is judged at once."""
+    deadline = time.monotonic() + (NOTICE_S if _closed_comm(error) else 0.0)
+    while not _lost(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _lost(client)
+
+
+@contextmanager
+def scheduler_kept(client: Client | None) -> Iterator[None]:
+    """Run a block of Dask work on `client`; whatever fails because its scheduler went away
+    (cancelled futures, a KeyError from an emptied `scheduler_info`) raises SchedulerLostError
+    instead, one line naming the scheduler. A client that has lost it already fails at once:
+    a submit would wait out the reconnect and then be cancelled."""
+    if client is None:
+        yield
+        return
+    # Read now: a closed client forgets its scheduler's address.
+    address = redact_uri(client.scheduler.address) if client.scheduler is not None else "?"
+    lost = SchedulerLostError(
+        f"lost the Dask scheduler at {address} (the connection dropped; Dask cancelled the "
+        "work running there)"
+    )
+    if _lost(client):
+        raise lost
+    try:
+        yield
+    except SchedulerLostError:
+        raise
+    except Exception as exc:
+        if _noticed_lost(client, exc):
+            raise lost from exc
+        raise
 
 
 def map_bounded(

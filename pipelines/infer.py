@@ -2,16 +2,20 @@
 
     results = infer_archive(Path("archive/"), "models:/unet@champion", InferConfig())
 
-Per slide: plan blocks on the output chunk grid (pipelines.inference.plan), run each block as a
-Dask task on a worker that holds the model (pipelines.inference.blocks/.model), record each
-finished block in the store's journal (pipelines.inference.journal), then derive the pyramid
-and the instances and move the finished labels into the store (pipelines.inference.outputs).
+One model session per call (a `Segmenter`): the model is resolved, hashed and put on the
+cluster's workers once, and every slide reuses it. Per slide: plan blocks on the output chunk
+grid (pipelines.inference.plan), run each block as a Dask task on a worker that holds the
+model (pipelines.inference.blocks/.model), record each finished block in the store's journal
+(pipelines.inference.journal), then derive the pyramid and the instances and move the
+finished labels into the store (pipelines.inference.outputs).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +28,13 @@ import numpy as np
 from distributed import Client
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.cluster import ClusterConfig, dask_client, map_bounded
+from pipelines.cluster import (
+    ClusterConfig,
+    SchedulerLostError,
+    dask_client,
+    map_bounded,
+    scheduler_kept,
+)
 from pipelines.inference.blocks import BlockJob, run_block
 from pipelines.inference.journal import Journal, run_key, run_lock
 from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host
@@ -110,7 +120,7 @@ class InferResult:
 
 @dataclass(frozen=True)
 class _Session:
-    """What every slide of one call shares: the cluster, the model on its workers."""
+    """What every slide of one run shares: the cluster, the model on its workers."""
 
     client: Client
     source: ModelSource
@@ -129,14 +139,19 @@ def _session(
     with ExitStack() as stack:
         if client is None:
             client = stack.enter_context(dask_client(config.cluster))
-        # Unique per call: calls sharing a cluster never unregister each other's model.
+        # Unique per session: sessions sharing a cluster never unregister each other's model.
         name = f"segflow-infer-{source.digest[:12]}-{uuid.uuid4().hex[:8]}"
-        plugin = ModelPlugin(
-            source, config.device, config.channels_last, config.compile, workers_per_host(client)
-        )
-        client.register_plugin(plugin, name=name)
-        stack.callback(client.unregister_worker_plugin, name)
-        profiles = worker_profiles(client, name, config.batch_size)
+        with scheduler_kept(client):
+            plugin = ModelPlugin(
+                source,
+                config.device,
+                config.channels_last,
+                config.compile,
+                workers_per_host(client),
+            )
+            client.register_plugin(plugin, name=name)
+            stack.callback(_unregister, client, name)
+            profiles = worker_profiles(client, name, config.batch_size)
         devices = sorted({device for device, _ in profiles})
         if len(devices) != 1:
             raise InferError(f"workers disagree on the device ({devices}); set device explicitly")
@@ -152,6 +167,61 @@ def _session(
             precision=precision,
             max_in_flight=config.max_in_flight or 2 * sum(client.nthreads().values()),
         )
+
+
+def _unregister(client: Client, name: str) -> None:
+    # A client that lost its scheduler cannot reach the workers (it would wait out its
+    # reconnect and raise over the error that ended the run).
+    if client.status == "running":
+        client.unregister_worker_plugin(name)
+
+
+class Segmenter:
+    """Segments slides one at a time with one model session: the first slide resolves the
+    model, hashes it and registers it on the cluster's workers; every later slide reuses it
+    until `close`. Safe to call from several threads (one session is opened)."""
+
+    def __init__(
+        self, model_uri: str | Path, config: InferConfig, client: Client | None = None
+    ) -> None:
+        self.model_uri = str(model_uri)
+        self.config = config
+        self._client = client
+        self._stack = ExitStack()
+        self._session: _Session | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> _Session:
+        """The session, opened on first use; a model or cluster problem raises as it is."""
+        with self._lock:
+            if self._session is None:
+                session = _session(self.model_uri, self.config, self._client)
+                self._session = self._stack.enter_context(session)
+            return self._session
+
+    def segment(self, store: str | Path, progress: RunProgress | None = None) -> InferResult:
+        """Segment one slide store; raises InferError naming it, or SchedulerLostError when
+        the cluster is gone (no later slide could run either)."""
+        session = self.open()
+        with scheduler_kept(session.client):
+            try:
+                return _segment(Path(store), session, self.config, progress or RunProgress(None, 1))
+            except InferError:
+                raise
+            except Exception as exc:
+                raise InferError(_one_line(Path(store), exc)) from exc
+
+    def close(self) -> None:
+        """Take the model off the workers (and stop a cluster the session started)."""
+        with self._lock:
+            self._stack.close()
+            self._session = None
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
@@ -263,11 +333,12 @@ def _segment(
         resumed = len(journal.done())
         task = progress.slide(slide.name, len(plan.blocks), resumed)
         jobs = _jobs(slide, plan, journal, work, session, config)
-        for _ in _run_blocks(session, jobs, slide.path):
+        ran: Counter[str] = Counter()  # this run's blocks only: resumed ones ran before
+        for _, outcome in _run_blocks(session, jobs, slide.path):
+            ran[outcome["status"]] += 1
             progress.advance(task)
         outcomes = journal.done()
         counts = np.sum([o["class_counts"] for o in outcomes.values()], axis=0)
-        statuses = [o["status"] for o in outcomes.values()]
         if not work.is_built:
             n_instances = finish(
                 work,
@@ -286,11 +357,12 @@ def _segment(
         result.tissue_fraction = _tissue_fraction(slide)
         result.class_fractions = class_fractions(counts)
         result.n_instances = n_instances
+        # Each block once: total = resumed + computed + background.
         result.blocks = {
             "total": len(plan.blocks),
             "resumed": resumed,
-            "computed": statuses.count("computed"),
-            "background": statuses.count("background"),
+            "computed": ran["computed"],
+            "background": ran["background"],
         }
         record_run(
             work,
@@ -340,13 +412,16 @@ def _infer_all(
 ) -> list[InferResult]:
     results = []
     with (
-        _session(model_uri, config, client) as session,
+        Segmenter(model_uri, config, client) as segmenter,
         run_progress(config.progress, len(stores)) as progress,
     ):
+        segmenter.open()  # a model or cluster problem ends the call before any slide
         for store in stores:
             start = time.perf_counter()
             try:
-                results.append(_segment(store, session, config, progress))
+                results.append(segmenter.segment(store, progress))
+            except SchedulerLostError:
+                raise  # no later slide can run: one line says why
             except Exception as exc:  # one bad slide must not end an archive run
                 results.append(
                     InferResult(

@@ -214,8 +214,15 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, model_file, client):
     assert lock["pid"] == proc.pid  # left behind by the dead run: taken over below
 
     resumed = infer_slide(store, model_file, killed_settings, client)
-    assert resumed.blocks["resumed"] == done_at_kill
-    assert resumed.blocks["computed"] + resumed.blocks["background"] == total
+    # Each block counted once: the resumed ones are not counted again as computed.
+    assert resumed.blocks == {
+        "total": total,
+        "resumed": done_at_kill,
+        "computed": total - done_at_kill,
+        "background": 0,
+    }
+    meta = zarr.open_group(tmp_path / "b" / "s.zarr" / "labels" / "segmentation", mode="r")
+    assert meta.attrs["segflow"]["blocks"] == resumed.blocks
     a, b = chunk_bytes(tmp_path / "a" / "s.zarr"), chunk_bytes(tmp_path / "b" / "s.zarr")
     assert len(a) > 20 and a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
@@ -307,6 +314,8 @@ def test_unreadable_chunk_fails_naming_the_block_and_resumes(tmp_path, model, mo
     chunk.write_bytes(original)
     result = infer_slide(store, model_file, config(block_size=104), client)
     assert result.blocks["resumed"] > 0
+    assert result.blocks["total"] == 9  # 3 x 3 blocks of 104
+    assert sum(result.blocks[k] for k in ("resumed", "computed", "background")) == 9
     np.testing.assert_array_equal(
         SlideStore.open(store).segmentation[...], reference_classes(model, image)
     )
