@@ -24,8 +24,9 @@ from rich.text import Text
 
 from flows.outcomes import STAGES, RunSummary, StageOutcome, TrainedModel
 
-#: Loggers with handlers of their own: the root (Prefect's console handler) and MLflow's.
-QUIET_LOGGERS = ("", "mlflow")
+#: Loggers with handlers of their own: the root (Prefect's console handler), MLflow's and
+#: distributed's (a lost scheduler's reconnect logs tracebacks over the one-line error).
+QUIET_LOGGERS = ("", "mlflow", "distributed", "distributed.client")
 ARTIFACT_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 #: Stages whose library shows its own progress bar.
 OWN_PROGRESS = frozenset({"train"})

@@ -1,8 +1,9 @@
 """One stage of a flow run: submit its tasks (one per slide), wait, and turn states into outcomes.
 
 Shared by every flow. A failed task becomes a "failed" outcome carrying its one-line error and
-the other slides go on; a cached result whose output has since gone from disk (or from the
-registry) is recomputed with a refreshed cache instead of being trusted.
+the other slides go on, unless the Dask scheduler was lost: then no other slide can run, and
+the stage ends the flow with that one line. A cached result whose output has since gone
+from disk (or from the registry) is recomputed with a refreshed cache instead of being trusted.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from flows.cache_keys import output_state, store_identity
 from flows.outcomes import StageOutcome
 from flows.runtime import Runtime
 from flows.tasks import WEIGHT_ARRAY, infer_task, ingest_slide_task, train_task, weights_task
-from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.infer import InferConfig, InferResult
+from pipelines.cluster import ClusterConfig, SchedulerLostError, dask_client
+from pipelines.infer import InferConfig, InferResult, Segmenter
 from pipelines.inference.outputs import installed_run_key
 from pipelines.ingest import IngestConfig, IngestResult
 from pipelines.redaction import redact_text
@@ -83,6 +84,8 @@ def run_tasks(
         future.wait()
         state = future.state
         result = state.result(raise_on_failure=False)
+        if isinstance(result, SchedulerLostError):
+            raise result
         if state.is_completed() and state.name == "Cached" and not still_valid(result):
             queue.insert(0, (index, True))
             continue
@@ -187,7 +190,9 @@ def registered(result: TrainResult, tracking_uri: str) -> bool:
 def run_infer(
     stores: Sequence[Path], model_uri: str, config: InferConfig, runtime: Runtime
 ) -> list[tuple[StageOutcome, InferResult | None]]:
-    """Segment each store with the (pinned) model, one task per slide, on one Dask cluster.
+    """Segment each store with the (pinned) model, one task per slide, on one Dask cluster
+    with one model session: the model is loaded, hashed and put on the workers once per run
+    (by the first slide not answered from the cache), not once per slide.
 
     The stage itself decides whether a store's segmentation is current (its run key: model
     digest and output-changing settings) and redoes it when not; a cached result is trusted
@@ -200,13 +205,12 @@ def run_infer(
 
     if not stores:
         return []
-    with _client(runtime, config.cluster) as client:
-        calls = [
-            _store_call(s, {"model_uri": model_uri, "config": config, "client": client})
-            for s in stores
-        ]
-        # One slide at a time: each already spreads its blocks over the whole cluster, and
-        # slides sharing a client would register and remove the same model plugin.
+    with (
+        _client(runtime, config.cluster) as client,
+        Segmenter(model_uri, config, client) as segmenter,
+    ):
+        calls = [_store_call(s, {"segmenter": segmenter}) for s in stores]
+        # One slide at a time: each already spreads its blocks over the whole cluster.
         return run_tasks("infer", infer_task, calls, still_valid, config.overwrite, at_once=1)
 
 

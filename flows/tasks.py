@@ -3,7 +3,9 @@
 Each task calls the stage's library function and nothing else. Around it:
   - retries with exponential backoff for I/O trouble (a shared file system or object store
     hiccup, a Dask worker lost), never for bad input: a ValueError from a stage names a file
-    and its problem, and would fail the same way again;
+    and its problem, and would fail the same way again. Nor for a lost Dask scheduler: a task
+    whose client lost it fails with one SchedulerLostError line (a ValueError too), since a
+    retry on that client could only wait out its reconnect and fail again;
   - a cache key over the task's inputs (flows.cache_keys), so a re-run with unchanged inputs
     is answered from Prefect's result store without doing the work again. The flows refresh
     the cache where a setting asks for the work to be redone (`overwrite`, `resume`) or where
@@ -22,7 +24,8 @@ from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from flows.cache_keys import digest, file_identity, settings_of, store_identity, stores_identity
-from pipelines.infer import InferConfig, InferResult, infer_slide
+from pipelines.cluster import scheduler_kept
+from pipelines.infer import InferResult, Segmenter
 from pipelines.ingest import IngestConfig, IngestResult, SlideSource, ingest_slide
 from pipelines.train import TrainConfig, TrainResult, run_training
 from pipelines.weightmaps import WeightsConfig, WeightsResult, compute_weight_maps
@@ -32,7 +35,8 @@ WEIGHT_ARRAY = f"{TRAINING_GROUP}/{WEIGHT}"
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry unless the stage rejected its input (a ValueError: bad file, shape, model)."""
+    """Retry unless the stage rejected its input (a ValueError: bad file, shape, model) or
+    the task's Dask client lost its scheduler (SchedulerLostError, a ValueError as well)."""
     error = state.result(raise_on_failure=False)
     return isinstance(error, BaseException) and not isinstance(error, ValueError)
 
@@ -65,7 +69,8 @@ def ingest_slide_task(
     source: SlideSource, out_dir: Path, config: IngestConfig, client: Client | None
 ) -> IngestResult:
     """Ingest one slide into `<out_dir>/<name>.zarr`."""
-    return ingest_slide(source, out_dir, config, client)
+    with scheduler_kept(client):
+        return ingest_slide(source, out_dir, config, client)
 
 
 def _weights_key(context: TaskRunContext, parameters: dict) -> str:
@@ -80,7 +85,8 @@ def _weights_key(context: TaskRunContext, parameters: dict) -> str:
 )
 def weights_task(store: Path, config: WeightsConfig, client: Client | None) -> WeightsResult:
     """Training target and weight map of one labelled store."""
-    return compute_weight_maps(store, config, client)
+    with scheduler_kept(client):
+        return compute_weight_maps(store, config, client)
 
 
 def _train_key(context: TaskRunContext, parameters: dict) -> str:
@@ -102,17 +108,17 @@ def train_task(config: TrainConfig) -> TrainResult:
 
 
 def _infer_key(context: TaskRunContext, parameters: dict) -> str:
+    segmenter: Segmenter = parameters["segmenter"]
     return digest(
         "infer",
         store_identity(parameters["store"]),
-        parameters["model_uri"],
-        settings_of(parameters["config"]),
+        segmenter.model_uri,
+        settings_of(segmenter.config),
     )
 
 
 @task(name="infer-slide", task_run_name="infer {store.name}", cache_key_fn=_infer_key, **_retrying)
-def infer_task(
-    store: Path, model_uri: str, config: InferConfig, client: Client | None
-) -> InferResult:
-    """Segment one slide store with the model at `model_uri`."""
-    return infer_slide(store, model_uri, config, client)
+def infer_task(store: Path, segmenter: Segmenter) -> InferResult:
+    """Segment one slide store with the run's model session (opened by the first slide that
+    is not answered from the cache, then shared by the others)."""
+    return segmenter.segment(store)
