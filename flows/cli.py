@@ -238,7 +238,7 @@ def _train_rank(args, runtime, paths, overrides) -> int:
 
 
 def _train_config(args, runtime, paths, overrides):
-    from pipelines.train import TrainConfig
+    from pipelines.training.config import TrainConfig
     from pipelines.training.stores import training_stores
 
     if paths:

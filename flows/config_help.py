@@ -35,7 +35,7 @@ from pipelines.redaction import redact_text
 STAGE_CONFIGS = {
     "ingest": "pipelines.ingest:IngestConfig",
     "weights": "pipelines.weightmaps:WeightsConfig",
-    "train": "pipelines.train:TrainConfig",
+    "train": "pipelines.training.config:TrainConfig",
     "infer": "pipelines.infer:InferConfig",
     "run": "flows.pipeline:PipelineConfig",
 }

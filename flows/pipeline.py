@@ -32,8 +32,8 @@ from pipelines.infer import InferConfig
 from pipelines.ingest import IngestConfig
 from pipelines.redaction import redact_text, redact_uri
 from pipelines.sources import SlideSource, find_slides, find_stores, is_store
-from pipelines.train import TrainConfig, TrainResult
-from pipelines.training.config import DEFAULT_MODEL_NAME
+from pipelines.training.config import DEFAULT_MODEL_NAME, TrainConfig
+from pipelines.training.result import TrainResult
 from pipelines.training.stores import training_stores
 from pipelines.weightmaps import WeightsConfig
 from segcore.store import SlideStore, StoreError

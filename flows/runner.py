@@ -22,7 +22,7 @@ from flows.console import quiet_console, quiet_logging, stage_bars
 from flows.interrupt import on_interrupt
 from flows.outcomes import RunSummary, SlideFailures
 from flows.runtime import Runtime, prefect_session
-from pipelines.train import end_process_runs
+from pipelines.training.process_runs import end_process_runs
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from pipelines.ingest import IngestConfig, IngestResult
 from pipelines.redaction import redact_text
 from pipelines.services import mlflow_client
 from pipelines.sources import SlideSource, name_clashes
-from pipelines.train import TrainConfig, TrainResult
+from pipelines.training.config import TrainConfig
+from pipelines.training.result import TrainResult
 from pipelines.weightmaps import WeightsConfig, WeightsResult
 
 #: The "slide" of the training task's outcome.

@@ -27,7 +27,8 @@ from flows.cache_keys import digest, file_identity, settings_of, store_identity,
 from pipelines.cluster import scheduler_kept
 from pipelines.infer import InferResult, Segmenter
 from pipelines.ingest import IngestConfig, IngestResult, SlideSource, ingest_slide
-from pipelines.train import TrainConfig, TrainResult, run_training
+from pipelines.training.config import TrainConfig
+from pipelines.training.result import TrainResult
 from pipelines.weightmaps import WeightsConfig, WeightsResult, compute_weight_maps
 from segcore.store import TRAINING_GROUP, WEIGHT
 
@@ -104,6 +105,9 @@ def _train_key(context: TaskRunContext, parameters: dict) -> str:
 @task(name="train", task_run_name="train", cache_key_fn=_train_key, persist_result=True)
 def train_task(config: TrainConfig) -> TrainResult:
     """Train, track and register one U-Net (its DDP ranks in a child process of their own)."""
+    # Imported here: Lightning takes seconds to import, and only training needs it.
+    from pipelines.train import run_training
+
     return run_training(config)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
@@ -35,8 +34,10 @@ from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
 from pipelines.training.launch import ranks
 from pipelines.training.module import UNetModule, ValidateAtEnd
 from pipelines.training.normalization import estimate_normalization
+from pipelines.training.process_runs import PROCESS_TAG, end_process_runs, process_identity
 from pipelines.training.progress import ProgressLog
 from pipelines.training.registry import log_and_register, model_metadata
+from pipelines.training.result import TrainResult
 from pipelines.training.stores import training_stores
 from pipelines.training.tracking import (
     LAST_CHECKPOINT,
@@ -57,51 +58,8 @@ NORMALIZATION_TILES = 16
 WEIGHTS_FILE = "model.pt"
 
 
-#: MLflow tag: the process (host:pid) a run is training in, so an interrupted command can end
-#: exactly its own runs (`end_process_runs`).
-PROCESS_TAG = "segflow.process"
-
-
 class TrainError(ValueError):
     """Training cannot start (e.g. nothing to resume, channels that do not match)."""
-
-
-class TrainResult(BaseModel):
-    """What a run produced; on DDP ranks other than 0 only `rank` and `global_step` are set."""
-
-    rank: int = 0
-    run_id: str | None = None
-    experiment_id: str | None = None
-    model_uri: str | None = None
-    registered_name: str | None = None
-    version: str | None = None
-    became_champion: bool = False
-    aliases: list[str] = []
-    metrics: dict[str, float] = {}
-    checkpoint: Path | None = None
-    weights: Path | None = None
-    global_step: int = 0
-    resumed_from_step: int | None = None
-
-
-def process_identity() -> str:
-    """This process, as PROCESS_TAG records it."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def end_process_runs(tracking_uri: str, status: str = "KILLED") -> list[str]:
-    """End the runs this process is training in that are still RUNNING (ids of those ended)."""
-    client = MlflowClient(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    runs = client.search_runs(
-        experiments,
-        f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` = '{process_identity()}'",
-    )
-    for run in runs:
-        client.set_terminated(run.info.run_id, status)
-    return [run.info.run_id for run in runs]
 
 
 def _precision(config: TrainConfig) -> str:
