@@ -18,9 +18,6 @@ from pathlib import Path
 
 import torch
 
-# The archive's ScalarType enum -> torch dtype: the mapping torch.export itself uses.
-from torch._export.serde.serialize import deserialize_scalar_type
-
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 
 
@@ -36,6 +33,10 @@ def _int(value: dict) -> int:
 
 
 def _tensor(archive: zipfile.ZipFile, record: str, meta: dict) -> torch.Tensor:
+    # The archive's ScalarType enum -> torch dtype: the mapping torch.export itself uses.
+    # Imported here: it pulls in torch._dynamo (~2 s), which only registry models need.
+    from torch._export.serde.serialize import deserialize_scalar_type
+
     dtype = deserialize_scalar_type(meta["dtype"])
     sizes = [_int(v) for v in meta["sizes"]]
     strides = [_int(v) for v in meta["strides"]]
