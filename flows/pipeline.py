@@ -31,12 +31,12 @@ from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
 from pipelines.infer import InferConfig
 from pipelines.ingest import IngestConfig
 from pipelines.redaction import redact_text, redact_uri
-from pipelines.sources import SlideSource, find_slides, find_stores, is_store
+from pipelines.sources import SlideSource, find_slides, find_stores, ready_stores
 from pipelines.training.config import DEFAULT_MODEL_NAME, TrainConfig
 from pipelines.training.result import TrainResult
 from pipelines.training.stores import training_stores
 from pipelines.weightmaps import WeightsConfig
-from segcore.store import SlideStore, StoreError
+from segcore.store import SlideStore
 
 #: Slides in flight at once per stage; chunk-level parallelism is Dask's, inside each task.
 SLIDES_AT_ONCE = 2
@@ -82,34 +82,9 @@ def is_labelled(store: Path) -> bool:
 
 
 def labelled_stores(paths: list[Path]) -> list[Path]:
-    """Stores named directly, and the labelled ones of named folders.
-
-    A folder of an archive's stores (the workdir's, as the deployments name it) also holds
-    slides without labels, which have no weight maps to compute (training's rule for folders is
-    pipelines.training.stores). A store named directly is kept, and so is an unreadable one:
-    each fails its own task, saying why. A folder without a labelled store is an error.
-    """
-
-    def kept(store: Path) -> bool:
-        try:
-            return is_labelled(store)
-        except StoreError:
-            return True
-
-    stores: list[Path] = []
-    for path in map(Path, paths):
-        found = find_stores([path])
-        if is_store(path):
-            stores += found
-            continue
-        labelled = [s for s in found if kept(s)]
-        if not labelled:
-            raise StoreError(
-                f"{path}: none of its {len(found)} store(s) has annotations to compute weight "
-                "maps from"
-            )
-        stores += labelled
-    return stores
+    """Stores named directly, and the labelled ones of named folders (the rule is
+    `pipelines.sources.ready_stores`; training's is `pipelines.training.stores`)."""
+    return ready_stores(paths, is_labelled, "has annotations to compute weight maps from")
 
 
 def _finish(summary: RunSummary) -> RunSummary | State:

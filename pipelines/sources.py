@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -515,3 +515,34 @@ def find_stores(paths: Iterable[str | Path]) -> list[Path]:
     if not stores:
         raise StoreError("no stores given: name a store or a folder of stores")
     return stores
+
+
+def ready_stores(
+    paths: Iterable[str | Path], ready: Callable[[Path], bool], need: str
+) -> list[Path]:
+    """Stores a stage works on: each store named directly, as it is (the stage fails it naming
+    its problem), and from each folder the stores `ready` says the stage can use. A folder of
+    an archive's stores also holds stores a stage has nothing to do with (unlabelled slides
+    for weight maps; unweighted or held-out ones for training). A store that cannot be read
+    counts as ready, so that it fails in its own task, saying why.
+
+    Raises `StoreError("<folder>: none of its N store(s) <need>")` for a folder with none.
+    """
+    stores: list[Path] = []
+    for path in map(Path, paths):
+        found = find_stores([path])
+        if is_store(path):
+            stores += found
+            continue
+        usable = [store for store in found if _ready_or_unreadable(store, ready)]
+        if not usable:
+            raise StoreError(f"{path}: none of its {len(found)} store(s) {need}")
+        stores += usable
+    return stores
+
+
+def _ready_or_unreadable(store: Path, ready: Callable[[Path], bool]) -> bool:
+    try:
+        return ready(store)
+    except StoreError:
+        return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.sources import find_stores, is_store
+from pipelines.sources import ready_stores
 from pipelines.training.config import TrainConfig
 from segcore.store import SlideStore, StoreError
 
@@ -34,26 +34,9 @@ def training_stores(config: TrainConfig) -> list[Path]:
             )
         paths = [folder]
     held_out = {Path(p).resolve() for p in config.val_stores}
-    stores: list[Path] = []
-    for path in map(Path, paths):
-        if is_store(path):
-            stores += find_stores([path])
-            continue
-        found = [s for s in find_stores([path]) if s.resolve() not in held_out]
-        weighted = [s for s in found if _has_weight_maps(s)]
-        if not weighted:
-            raise StoreError(
-                f"{path}: none of its {len(found)} store(s) has weight maps to train on "
-                "(run `segflow weights` first)"
-            )
-        stores += weighted
-    return stores
 
+    def trainable(store: Path) -> bool:
+        return store.resolve() not in held_out and SlideStore.open(store).weight is not None
 
-def _has_weight_maps(store: Path) -> bool:
-    """Whether training can read the store's target and weights; an unreadable store counts
-    as ready, so that training fails naming it and its problem."""
-    try:
-        return SlideStore.open(store).weight is not None
-    except StoreError:
-        return True
+    need = "has weight maps to train on (run `segflow weights` first)"
+    return ready_stores(paths, trainable, need)
