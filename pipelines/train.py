@@ -35,6 +35,7 @@ from pipelines.training.launch import ranks
 from pipelines.training.module import UNetModule, ValidateAtEnd
 from pipelines.training.normalization import estimate_normalization
 from pipelines.training.process_runs import PROCESS_TAG, end_process_runs, process_identity
+from pipelines.training.process_state import process_state_kept
 from pipelines.training.progress import ProgressLog
 from pipelines.training.registry import log_and_register, model_metadata
 from pipelines.training.result import TrainResult
@@ -169,7 +170,13 @@ def _finish_run(
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train, checkpoint, track and register one U-Net as `config` says."""
+    """Train, checkpoint, track and register one U-Net as `config` says; the process's MLflow
+    setting and environment are as they were when it returns (training.process_state)."""
+    with process_state_kept():
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainResult:
     require_mlflow(config.resolved_tracking_uri)  # before any work: a dead server fails now
     # Every rank expands the same folders alike (DDP re-runs this with the same config).
     config = config.model_copy(update={"stores": training_stores(config)})

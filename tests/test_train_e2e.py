@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,25 @@ def test_tracking_uri_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     config = TrainConfig(stores=[tmp_path / "a.zarr"], workdir=tmp_path)
     assert config.resolved_tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_two_trainings_in_one_process_keep_to_their_own_stores(tmp_path, monkeypatch):
+    """Nothing of the first run's tracking leaks into the process: the second training, with
+    another workdir, logs and registers in its own MLflow store, and the environment is as it
+    was after each (MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI)."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train_store = disk_store(tmp_path / "train.zarr", size=96, seed=0)
+    before = (dict(os.environ), mlflow.get_tracking_uri())
+    results = []
+    for name in ("first", "second"):
+        overrides = {"workdir": str(tmp_path / name), "max_steps": 2, "steps_per_epoch": 2}
+        config = TrainConfig.model_validate(tiny_config(tmp_path, [train_store], [], **overrides))
+        results.append((config, train(config)))
+        assert (dict(os.environ), mlflow.get_tracking_uri()) == before
+    for config, result in results:
+        client = MlflowClient(config.resolved_tracking_uri)
+        assert client.get_run(result.run_id).info.status == "FINISHED"
+        versions = client.search_model_versions(f"name='{config.registered_model_name}'")
+        assert [int(v.version) for v in versions] == [1]  # each store registered its own

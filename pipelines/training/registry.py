@@ -24,6 +24,7 @@ from mlflow.types import Schema, TensorSpec
 
 from pipelines.training.config import Normalization
 from pipelines.training.data import TileShape
+from pipelines.training.process_state import process_state_kept
 from segcore.model import UNet
 from segcore.normalization import INPUT_DTYPE
 
@@ -110,13 +111,13 @@ def log_and_register(
 ) -> Registration:
     """Log `model` (eval mode, raw-pixel input) and its weights-only file to the run, register
     it under `registered_name` and move the aliases."""
-    mlflow.set_tracking_uri(tracking_uri)
     model = model.eval().cpu()
     # Batch 2: torch.export fixes size-1 dims, so a batch of 1 would pin the batch size.
     example = np.zeros(
         (2, model.config.in_channels, *(2 * [model.valid_input_size(1)])), np.float32
     )
-    with mlflow.start_run(run_id=run_id):
+    with process_state_kept(), mlflow.start_run(run_id=run_id):
+        mlflow.set_tracking_uri(tracking_uri)  # log_model has no client form
         info = mlflow.pytorch.log_model(
             model,
             name=MODEL_NAME,
