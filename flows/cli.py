@@ -30,6 +30,7 @@ from flows.config_help import COMMAND_STAGES, EXAMPLES
 from flows.configs import UsageError, existing, load
 from flows.interrupt import handling as handling_interrupts
 from pipelines.redaction import redact_text, redact_uri
+from segcore.errors import one_line
 
 EXIT_FAILED_SLIDES = 1
 EXIT_BAD_INPUT = 2
@@ -206,7 +207,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    return redact_text(" ".join(str(exc).split())) or type(exc).__name__
+    return redact_text(one_line(exc))
 
 
 def _dispatch(args: argparse.Namespace) -> int:

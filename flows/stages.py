@@ -36,6 +36,7 @@ from pipelines.sources import SlideSource, name_clashes
 from pipelines.training.config import TrainConfig
 from pipelines.training.result import TrainResult
 from pipelines.weightmaps import WeightsConfig, WeightsResult
+from segcore.errors import one_line
 
 #: The "slide" of the training task's outcome.
 TRAINING = "training"
@@ -49,12 +50,13 @@ class Call:
     kwargs: dict[str, Any]
 
 
-def one_line(error: BaseException) -> str:
-    """A stage's own message for bad input (it names the file); type and message otherwise."""
-    text = redact_text(" ".join(str(error).split()))  # shown in tables, artifacts, logs
-    if isinstance(error, ValueError) and text:
+def failure_line(error: BaseException) -> str:
+    """A stage's own message for bad input (it names the file); type and message otherwise.
+    Shown in tables, artifacts and logs, so without credentials."""
+    text = redact_text(one_line(error))
+    if isinstance(error, ValueError) or text == type(error).__name__:
         return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return f"{type(error).__name__}: {text}"
 
 
 def run_tasks(
@@ -98,7 +100,7 @@ def run_tasks(
 
 def _outcome(stage: str, slide: str, state: State, result: Any, started: float) -> StageOutcome:
     if not state.is_completed():
-        return StageOutcome(stage, slide, "failed", detail=one_line(result))
+        return StageOutcome(stage, slide, "failed", detail=failure_line(result))
     if state.name == "Cached":
         return StageOutcome(stage, slide, "cached", store=getattr(result, "store", None))
     return StageOutcome(

@@ -53,6 +53,7 @@ from pipelines.inference.report import RunProgress, print_summary, run_progress
 from pipelines.inference.source import resolve_model
 from pipelines.redaction import RedactedUri
 from pipelines.sources import find_stores
+from segcore.errors import one_line
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
 from segcore.store import SlideStore
@@ -403,7 +404,7 @@ def _run_blocks(
 
 
 def _one_line(store: Path, exc: Exception) -> str:
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = one_line(exc)
     return message if message.startswith(str(store)) else f"{store}: {message}"
 
 

@@ -26,6 +26,8 @@ import tifffile
 import zarr
 from PIL import Image, UnidentifiedImageError
 
+from segcore.errors import one_line
+
 OPENSLIDE_SUFFIXES = frozenset(
     {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
 )
@@ -46,11 +48,6 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 class ReaderError(ValueError):
     """A slide or label file cannot be read; the message starts with the file path."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class SlideReader(ABC):
@@ -80,7 +77,7 @@ class SlideReader(ABC):
             raise
         except Exception as exc:  # any backend failure (truncated tile, decoder error)
             raise ReaderError(
-                f"{self.path}: cannot read region y={y} x={x} h={h} w={w}: {_one_line(exc)}"
+                f"{self.path}: cannot read region y={y} x={x} h={h} w={w}: {one_line(exc, 300)}"
             ) from exc
         return region
 
@@ -126,7 +123,8 @@ class OpenSlideReader(SlideReader):
             self._slide = openslide.OpenSlide(path)
         except (openslide.OpenSlideError, OSError) as exc:
             raise ReaderError(
-                f"{path}: cannot open slide ({_one_line(exc)}): unsupported, truncated or corrupt"
+                f"{path}: cannot open slide ({one_line(exc, 300)}): "
+                "unsupported, truncated or corrupt"
             ) from exc
         self._slide.set_cache(openslide.OpenSlideCache(cache_bytes))
         width, height = self._slide.dimensions
@@ -212,7 +210,7 @@ def _open_tiff(path: Path) -> tifffile.TiffFile:
             tif = tifffile.TiffFile(path)
             n_pages = len(tif.pages)
         except Exception as exc:
-            raise ReaderError(f"{path}: not a readable TIFF ({_one_line(exc)})") from exc
+            raise ReaderError(f"{path}: not a readable TIFF ({one_line(exc, 300)})") from exc
     if n_pages == 0 or problems:
         tif.close()
         detail = problems[0] if problems else "no image directory"
@@ -309,7 +307,7 @@ class PillowReader(SlideReader):
                 image.load()
                 array = self._to_array(image, labels)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as exc:
-            raise ReaderError(f"{path}: cannot decode image ({_one_line(exc)})") from exc
+            raise ReaderError(f"{path}: cannot decode image ({one_line(exc, 300)})") from exc
         self._array = array if array.ndim == 3 else array[np.newaxis]
         self.shape = tuple(self._array.shape)
         self.dtype = self._array.dtype
@@ -438,4 +436,4 @@ def page_count(path: str | Path) -> int:
         with tifffile.TiffFile(path) as tif:
             return _stack_size(tif.series[0]) if tif.series else 1
     except Exception as exc:
-        raise ReaderError(f"{path}: not a readable TIFF ({_one_line(exc)})") from exc
+        raise ReaderError(f"{path}: not a readable TIFF ({one_line(exc, 300)})") from exc

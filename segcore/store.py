@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from segcore.errors import one_line
 from segcore.ngff import LABELS_GROUP
 
 ANNOTATIONS = "annotations"
@@ -125,8 +126,7 @@ def _corrupt_chunk(array: zarr.Array, selection: tuple[slice, ...], error: Excep
             raise
         except Exception as exc:
             key = array.metadata.encode_chunk_key(coords)
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            return StoreError(f"{array_location(array)}: chunk {key}: corrupt ({reason})")
+            return StoreError(f"{array_location(array)}: chunk {key}: corrupt ({one_line(exc)})")
     return error
 
 
@@ -181,8 +181,7 @@ class SlideStore:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(f"{path}: not a Zarr group ({exc})") from exc
         except ValueError as exc:  # zarr.json that is not JSON, or not Zarr's
-            detail = " ".join(str(exc).split())
-            raise StoreError(f"{path}: unreadable zarr.json ({detail})") from exc
+            raise StoreError(f"{path}: unreadable zarr.json ({one_line(exc)})") from exc
         if METADATA_KEY not in group.attrs:
             raise StoreError(f"{path}: not a segflow slide store (no '{METADATA_KEY}' metadata)")
         found = dict(group.attrs[METADATA_KEY]).get("store_format", 1)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import matplotlib
 import mlflow
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from matplotlib.figure import Figure
 from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, Param
 from mlflow.tracking import MlflowClient
@@ -32,10 +32,6 @@ from pipelines.redaction import redact_tree
 from pipelines.training.config import TrainConfig
 from pipelines.training.module import OverlaySample, UNetModule
 from segcore.store import SlideStore
-
-matplotlib.use("Agg")  # headless: figures are rendered to PNG only
-
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 RUN_RECORD = "run.json"
 LAST_CHECKPOINT = "last.ckpt"
@@ -162,9 +158,14 @@ def overlay_image(sample: OverlaySample) -> np.ndarray:
     return (out[::step, ::step] * 255).round().astype(np.uint8)
 
 
-def learning_curve(client: MlflowClient, run_id: str) -> plt.Figure:
-    """Training loss (and its running mean) and validation scores against the global step."""
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+def learning_curve(client: MlflowClient, run_id: str) -> Figure:
+    """Training loss (and its running mean) and validation scores against the global step.
+
+    A bare `Figure` (saved through its own Agg canvas), not pyplot: no process-wide backend
+    is chosen and no figure is left open in pyplot's registry.
+    """
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_val = fig.subplots(1, 2)
     loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train_loss"))
     if loss:
         steps, values = np.array(loss).T
