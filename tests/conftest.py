@@ -1,0 +1,28 @@
+"""Test-process plumbing shared by every test module."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def prefect_console_writes_to_this_tests_stderr() -> Iterator[None]:
+    """Prefect's console handler keeps the stream it was built with. Under pytest that is the
+    capture of whichever test first set up Prefect's logging, closed when that test ended, so a
+    later test's Prefect log line turned into a "--- Logging error ---" traceback on its own
+    stderr (never in a real `segflow` process, whose stderr stays open). Point the handlers at
+    the stream of the test now running."""
+    handlers_module = sys.modules.get("prefect.logging.handlers")
+    if handlers_module is not None:
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", []):
+                if isinstance(handler, handlers_module.PrefectConsoleHandler):
+                    # Not setStream: it flushes the old stream, which is the closed one.
+                    handler.stream = sys.stderr
+                    handler.console.file = sys.stderr
+    yield
