@@ -18,27 +18,20 @@ Worked example: a 4096 x 4096 slide in 512 px tiles is 64 tiles. Tile (1, 2) cov
 tile plus the 20 px reach of a cell body), and its pixels equal `render_region(spec, 0, 0,
 4096, 4096)[512:1024, 1024:1536]`.
 
-The files are pyramidal tiled BigTIFFs (levels in the main IFD chain, 2x2 mean for the image,
-nearest for labels), which tifffile reads as one series with `levels` and OpenSlide opens as
-"generic-tiff". Levels are streamed: tiles of level k are yielded to tifffile as they are
-rendered (or read), and each one's 2x reduction is written as one chunk of a temporary Zarr
-array that becomes the source of level k + 1, so memory holds a few tiles, never a level or a
-band of tiles.
+`write_synthetic_slide` streams a slide tile by tile into two pyramidal tiled BigTIFFs (image
+and labels) with `segcore.tiff_writer`, so memory holds a few tiles whatever the slide size.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
-import zarr
 
-from segcore import ngff
+from segcore.tiff_writer import write_pyramidal_tiff
 
 #: Nuclei are placed per bin of this many pixels; each bin has this many slots.
 BIN_SIZE = 32
@@ -413,107 +406,7 @@ def render_region(
     return np.clip(rgb, 0.0, 255.0, out=rgb).astype(np.uint8), labels
 
 
-# --- pyramidal TIFF writing --------------------------------------------------------------
-
-
-def _mean2x2(block: np.ndarray) -> np.ndarray:
-    """2x2 mean (rounded), odd edges replicated."""
-    h, w = block.shape[:2]
-    pad = ((0, h % 2), (0, w % 2)) + ((0, 0),) * (block.ndim - 2)
-    b = np.pad(block, pad, mode="edge").astype(np.uint16)
-    total = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
-    return ((total + 2) // 4).astype(block.dtype)
-
-
-def _nearest2x2(block: np.ndarray) -> np.ndarray:
-    """Every second pixel: labels stay ids, never blends of ids."""
-    return block[0::2, 0::2]
-
-
-def _level_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
-    """Level 0 and each 2x reduction until one tile holds the whole level."""
-    shapes = [(height, width)]
-    while max(shapes[-1]) > tile:
-        h, w = shapes[-1]
-        shapes.append((-(-h // 2), -(-w // 2)))
-    return shapes
-
-
-def _level_tiles(
-    read: Callable[[int, int, int, int], np.ndarray],
-    shape: tuple[int, int],
-    tile: int,
-    reduce: Callable[[np.ndarray], np.ndarray],
-    next_level: zarr.Array | None,
-) -> Iterator[np.ndarray]:
-    """Tiles of one level in TIFF order (row-major). Each tile's 2x reduction is one chunk of
-    `next_level` (chunks are tile / 2 square; tile is even, so 2x2 blocks never straddle
-    tiles), written before the tile is yielded: tifffile stops pulling after the last tile."""
-    height, width = shape
-    for y0 in range(0, height, tile):
-        for x0 in range(0, width, tile):
-            block = read(y0, x0, min(tile, height - y0), min(tile, width - x0))
-            if next_level is not None:
-                small = reduce(block)
-                next_level[
-                    y0 // 2 : y0 // 2 + small.shape[0], x0 // 2 : x0 // 2 + small.shape[1]
-                ] = small
-            yield block
-
-
-#: Tiles tifffile may hold at once for its encoding threads (at least one per thread).
-_ENCODE_BUFFER_TILES = 8
-
-
-def _write_pyramid(
-    path: Path,
-    read_level0: Callable[[int, int, int, int], np.ndarray],
-    shape: tuple[int, ...],
-    dtype: np.dtype,
-    tile: int,
-    reduce: Callable[[np.ndarray], np.ndarray],
-    options: dict,
-) -> int:
-    """Write a tiled pyramidal BigTIFF to `path` level by level; returns the level count."""
-    shapes = _level_shapes(shape[0], shape[1], tile)
-    extra = tuple(shape[2:])
-    tile_bytes = tile * tile * int(np.prod(extra, dtype=np.int64)) * dtype.itemsize
-    with (
-        tempfile.TemporaryDirectory(prefix=".levels-", dir=path.parent) as scratch,
-        tifffile.TiffWriter(path, bigtiff=True) as tif,
-    ):
-        read = read_level0
-        for level, level_shape in enumerate(shapes):
-            next_level = None
-            if level + 1 < len(shapes):
-                next_level = ngff.create_array(
-                    zarr.open_group(Path(scratch) / f"{level + 1}.zarr", mode="w"),
-                    "0",
-                    (*shapes[level + 1], *extra),
-                    dtype,
-                    (tile // 2, tile // 2, *extra),
-                )
-            tif.write(
-                _level_tiles(read, level_shape, tile, reduce, next_level),
-                shape=(*level_shape, *extra),
-                dtype=dtype,
-                tile=(tile, tile),
-                subfiletype=1 if level else 0,
-                # tifffile's threaded encoder gathers `buffersize` bytes of tiles before
-                # encoding them (256 MB by default): keep that to a few tiles.
-                buffersize=_ENCODE_BUFFER_TILES * tile_bytes,
-                **options,
-            )
-            if next_level is not None:
-                read = _zarr_reader(next_level)
-    return len(shapes)
-
-
-def _zarr_reader(array: zarr.Array) -> Callable[[int, int, int, int], np.ndarray]:
-    def read(y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        return array[y0 : y0 + h, x0 : x0 + w]
-
-    return read
+# --- writing ---------------------------------------------------------------------------------
 
 
 def _partial_path(path: Path) -> Path:
@@ -570,36 +463,32 @@ def write_synthetic_slide(
 
     image_tmp, labels_tmp = _partial_path(image_path), _partial_path(labels_path)
     try:
-        n_levels = _write_pyramid(
+        n_levels = write_pyramidal_tiff(
             image_tmp,
             image_tile,
             (height, width, 3),
             np.dtype(np.uint8),
             tile,
-            _mean2x2,
-            dict(
-                photometric="rgb",
-                compression=compression,
-                description=description,
-                metadata=None,
-                **resolution,
-            ),
+            "mean",
+            photometric="rgb",
+            compression=compression,
+            description=description,
+            metadata=None,
+            **resolution,
         )
-        _write_pyramid(
+        write_pyramidal_tiff(
             labels_tmp,
             labels_tile,
             (height, width),
             np.dtype(np.uint32),
             tile,
-            _nearest2x2,
-            dict(
-                photometric="minisblack",
-                compression="zlib",
-                predictor=True,
-                description=description,
-                metadata=None,
-                **resolution,
-            ),
+            "nearest",
+            photometric="minisblack",
+            compression="zlib",
+            predictor=True,
+            description=description,
+            metadata=None,
+            **resolution,
         )
         os.replace(image_tmp, image_path)
         os.replace(labels_tmp, labels_path)
