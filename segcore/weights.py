@@ -170,29 +170,3 @@ def weight_map(
             f"class_weights must be (background, cell), got {class_weights.tolist()}"
         )
     return class_weights[cell] + border_weight(labels, w0, sigma, tolerance)
-
-
-def weight_map_reference(
-    instance_labels: np.ndarray,
-    w0: float = 10.0,
-    sigma: float = 5.0,
-    class_weights: Sequence[float] | np.ndarray | None = None,
-) -> np.ndarray:
-    """The definition, brute force: one whole-image distance transform per cell, no cutoff.
-
-    Costs (cells x pixels); it exists to check `weight_map` in tests and benchmarks.
-    """
-    labels = _check_labels(instance_labels)
-    d1 = np.full(labels.shape, np.inf)
-    d2 = np.full(labels.shape, np.inf)
-    for cell in np.unique(labels[labels > 0]):
-        distance = ndimage.distance_transform_edt(labels != cell)
-        d2 = np.minimum(d2, np.maximum(d1, distance))
-        d1 = np.minimum(d1, distance)
-    two_cells = (labels == 0) & np.isfinite(d2)
-    term = np.zeros(labels.shape)
-    term[two_cells] = w0 * np.exp(-np.square(d1 + d2)[two_cells] / (2.0 * sigma**2))
-    cell = (labels > 0).astype(np.intp)
-    if class_weights is None:
-        class_weights = class_weights_from_counts(np.bincount(cell.ravel(), minlength=N_CLASSES))
-    return (np.asarray(class_weights)[cell] + term).astype(np.float32)

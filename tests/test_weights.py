@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from reference_weights import weight_map_reference
 from scipy import ndimage
 
 from segcore.weights import (
@@ -18,7 +19,6 @@ from segcore.weights import (
     separate_touching,
     training_target,
     weight_map,
-    weight_map_reference,
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
