@@ -48,7 +48,7 @@ from pipelines.training.tracking import (
     learning_curve,
     unique_run_name,
 )
-from segcore.checkpoint import save_unet
+from segcore.checkpoint import save_unet, unet_state_dict
 from segcore.geometry import UNetGeometry
 from segcore.normalization import Normalization
 
@@ -115,11 +115,7 @@ def _build_module(
 
 
 def _load_best_weights(module: UNetModule, checkpoint: Path) -> None:
-    state = _checkpoint_payload(checkpoint)["state_dict"]
-    prefix = "model."
-    module.model.load_state_dict(
-        {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    )
+    module.model.load_state_dict(unet_state_dict(_checkpoint_payload(checkpoint)["state_dict"]))
 
 
 def _finish_run(

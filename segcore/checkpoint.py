@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from segcore.model import UNet, UNetConfig
+
+#: Where a Lightning checkpoint keeps the wrapped U-Net's weights (UNetModule.model).
+LIGHTNING_PREFIX = "model."
 
 
 class CheckpointError(ValueError):
@@ -20,6 +24,25 @@ def save_unet(model: UNet, path: str | Path, extra: dict | None = None) -> None:
     payload = {"unet_config": model.config.to_dict(), "state_dict": model.state_dict()}
     torch.save({**(extra or {}), **payload}, tmp)
     tmp.replace(path)
+
+
+def unet_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The U-Net's weights in `state`: a Lightning checkpoint's state dict holds the wrapped
+    U-Net's under LIGHTNING_PREFIX (beside the module's other state), a U-Net's own has them
+    bare and is returned as it is.
+
+    >>> sorted(unet_state_dict({"model.inc.weight": 1, "loss.weight": 2}))
+    ['inc.weight']
+    >>> sorted(unet_state_dict({"inc.weight": 1}))
+    ['inc.weight']
+    """
+    if not any(key.startswith(LIGHTNING_PREFIX) for key in state):
+        return dict(state)
+    return {
+        key.removeprefix(LIGHTNING_PREFIX): value
+        for key, value in state.items()
+        if key.startswith(LIGHTNING_PREFIX)
+    }
 
 
 def load_unet(path: str | Path, map_location: str | torch.device = "cpu") -> UNet:
@@ -36,13 +59,9 @@ def load_unet(path: str | Path, map_location: str | torch.device = "cpu") -> UNe
     config = payload.get("unet_config") or payload.get("hyper_parameters", {}).get("unet_config")
     if config is None:
         raise CheckpointError(f"{path}: no U-Net configuration in the file")
-    state = payload["state_dict"]
-    # Lightning checkpoints prefix the wrapped module's parameters with "model.".
-    if all(key.startswith("model.") for key in state):
-        state = {key.removeprefix("model."): value for key, value in state.items()}
     model = UNet.from_config(UNetConfig(**config))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(unet_state_dict(payload["state_dict"]))
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match its U-Net configuration") from exc
     return model

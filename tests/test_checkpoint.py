@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from segcore.checkpoint import CheckpointError, load_unet, save_unet
+from segcore.checkpoint import CheckpointError, load_unet, save_unet, unet_state_dict
 from segcore.model import UNet
 
 
@@ -16,11 +16,17 @@ def test_roundtrip_is_exact(tmp_path):
 
 
 def test_lightning_style_checkpoint(tmp_path):
+    """The wrapped U-Net's weights are found beside the Lightning module's other state."""
     model = UNet(1, 2, base_channels=4, depth=2)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["normalizer.mean"] = torch.zeros(1)  # the module's own state, not the U-Net's
     payload = {"state_dict": state, "hyper_parameters": {"unet_config": model.config.to_dict()}}
     torch.save(payload, tmp_path / "last.ckpt")
-    assert load_unet(tmp_path / "last.ckpt").config == model.config
+    loaded = load_unet(tmp_path / "last.ckpt")
+    assert loaded.config == model.config
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert unet_state_dict(model.state_dict()).keys() == model.state_dict().keys()
 
 
 def test_bad_files(tmp_path):
