@@ -1,7 +1,7 @@
 import importlib
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.config import ConfigError, dump_config, load_config
 
@@ -66,3 +66,69 @@ def test_every_config_refuses_a_typo(cls, override):
     refused = "Extra inputs are not permitted|Unexpected keyword argument"
     with pytest.raises(ValidationError, match=refused):
         load_config(config_cls, None, [override], defaults)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = 2
+    threads: int = 1
+    processes: bool = True
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The field's default differs from the section class's defaults, like InferConfig.cluster.
+    cluster: Section = Field(default_factory=lambda: Section(workers=1, threads=2, processes=False))
+    extra_section: Section | None = None
+
+
+class Outer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage = Field(default_factory=Stage)
+    retries: int = 0
+
+
+def test_a_partial_section_keeps_the_fields_default(tmp_path):
+    three_in_process = Section(workers=3, threads=2, processes=False)
+    assert load_config(Stage, None, ["cluster.workers=3"]).cluster == three_in_process
+    path = tmp_path / "c.yaml"
+    path.write_text("cluster: {workers: 3}\n")
+    assert load_config(Stage, path).cluster == three_in_process
+    # The override goes on top of the file, both on top of the default.
+    on_top = load_config(Stage, path, ["cluster.threads=4"]).cluster
+    assert on_top == Section(workers=3, threads=4, processes=False)
+    # Two levels down: the outer field's default is laid under the inner one's.
+    nested = load_config(Outer, None, ["stage.cluster.workers=5"])
+    assert nested.stage.cluster == Section(workers=5, threads=2, processes=False)
+    # A section whose default is None has only its class's defaults to keep.
+    given = load_config(Stage, None, ["extra_section.threads=8"]).extra_section
+    assert given == Section(workers=2, threads=8, processes=True)
+    # A whole section replaced by null stays null.
+    assert load_config(Stage, None, ["extra_section=null"]).extra_section is None
+
+
+def test_a_partial_section_still_refuses_unknown_keys(tmp_path):
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        load_config(Stage, None, ["cluster.worker=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text("stage:\n  cluster: {workers: 3, thread: 2}\n")
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        load_config(Outer, path)
+
+
+def test_infer_cluster_override_keeps_the_in_process_default(tmp_path):
+    from pipelines.infer import InferConfig
+
+    default = InferConfig().cluster
+    assert (default.n_workers, default.threads_per_worker, default.processes) == (1, 2, False)
+    cluster = load_config(InferConfig, None, ["cluster.n_workers=3"]).cluster
+    assert cluster == default.model_copy(update={"n_workers": 3})
+    path = tmp_path / "infer.yaml"
+    path.write_text("cluster:\n  n_workers: 3\n")
+    assert load_config(InferConfig, path).cluster == cluster
+    config = load_config(InferConfig, path, ["batch_size=2"])
+    dump_config(config, tmp_path / "again.yaml")
+    assert load_config(InferConfig, tmp_path / "again.yaml") == config
