@@ -2,16 +2,17 @@
 
 A key hashes what decides a task's output and nothing else: the stage settings (less where
 and how the work runs), the identity of the input (a source file's size and modification
-time, a store's content checksum recorded at ingest, the weight maps a training run reads),
-and for inference the pinned model version. Outputs are not part of the key (a task's own
-output would change its key); instead flows.stages checks the output a cached result names
-and reruns the task with the cache refreshed when it is gone. Behind the cache, every stage
-still checks its own output (checksums, settings, run keys) and reports "skipped".
+time; for a store, the identity the stage upstream recorded with its output, read through the
+stage contract `pipelines.stage`), and for inference the pinned model version. Outputs are not
+part of the key (a task's own output would change its key); instead flows.stages asks the
+stage whether the output a cached result names is still installed, and reruns the task with
+the cache refreshed when not. Behind the cache, every stage still decides on its own whether
+its output is current and reports "skipped".
 
 Worked example: re-running the weights task of `a.zarr` with the same WeightsConfig hashes
-("weights", [a.zarr, <checksum of a's pixels>], <settings>) to the same key and returns the
-stored WeightsResult without touching Dask; after `a.zarr/training` was deleted, the cached
-result fails its check and the stage runs again.
+("weights", [a.zarr, <identity key of a's ingest>], <settings>) to the same key and returns
+the stored WeightsResult without touching Dask; after `a.zarr/training` was deleted, the
+cached result is no longer installed and the stage runs again.
 """
 
 from __future__ import annotations
@@ -19,20 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import zarr
 from pydantic import BaseModel
 
 from pipelines.config import output_settings
-
-
-def segflow_version() -> str:
-    try:
-        return version("segflow")
-    except PackageNotFoundError:
-        return "unknown"
+from pipelines.stage import StageOutput, segflow_version
 
 
 def digest(*parts: object) -> str:
@@ -60,31 +53,12 @@ def file_identity(path: Path | None) -> list | None:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def store_identity(store: Path) -> list:
-    """A store's path and the content checksum ingest recorded, or None parts when absent."""
-    store = Path(store).resolve()
-    attrs = _attrs(store, "")
-    checksum = (attrs.get("segflow") or {}).get("checksum") if attrs is not None else None
-    return [str(store), checksum]
+def output_identity(stores: Iterable[Path], output: StageOutput) -> list:
+    """Each store's path and the identity key of one stage's output in it (None when absent).
 
-
-def output_state(store: Path, array_path: str) -> dict | None:
-    """The attributes a stage wrote on its output array (its settings, checksums, model),
-    or None when the output is not there."""
-    return _attrs(Path(store), array_path)
-
-
-def stores_identity(stores: Iterable[Path], array_path: str) -> list:
-    """Identity of each store plus the state of one output array in it (e.g. training/weight)."""
-    return [[*store_identity(s), output_state(s, array_path)] for s in stores]
-
-
-def _attrs(store: Path, path: str) -> dict | None:
-    try:
-        node = zarr.open(store / path if path else store, mode="r")
-    except (FileNotFoundError, zarr.errors.NodeNotFoundError, ValueError, OSError):
-        return None
-    return dict(node.attrs)
+    Example: output_identity([a.zarr], SLIDE_STORE) -> [["/abs/a.zarr", "3f9c..."]].
+    """
+    return [[str(Path(s).resolve()), output.recorded_key(Path(s))] for s in stores]
 
 
 def _jsonable(value: object) -> object:

@@ -22,20 +22,18 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 
 from flows import progress
-from flows.cache_keys import output_state, store_identity
 from flows.outcomes import StageOutcome
 from flows.runtime import Runtime
-from flows.tasks import WEIGHT_ARRAY, infer_task, ingest_slide_task, train_task, weights_task
+from flows.tasks import infer_task, ingest_slide_task, train_task, weights_task
 from pipelines.cluster import ClusterConfig, SchedulerLostError, dask_client
-from pipelines.infer import InferConfig, InferResult, Segmenter
-from pipelines.inference.outputs import installed_run_key
-from pipelines.ingest import IngestConfig, IngestResult
+from pipelines.infer import SEGMENTATION_OUTPUT, InferConfig, InferResult, Segmenter
+from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult
 from pipelines.redaction import redact_text
 from pipelines.services import mlflow_client
 from pipelines.sources import SlideSource, name_clashes
 from pipelines.training.config import TrainConfig
 from pipelines.training.result import TrainResult
-from pipelines.weightmaps import WeightsConfig, WeightsResult
+from pipelines.weightmaps import WEIGHT_MAPS, WeightsConfig, WeightsResult
 from segcore.errors import one_line
 
 #: The "slide" of the training task's outcome.
@@ -122,9 +120,6 @@ def run_ingest(
 ) -> list[tuple[StageOutcome, IngestResult | None]]:
     """Ingest each source into `out_dir`, one task per slide, on one Dask cluster."""
 
-    def still_valid(result: IngestResult) -> bool:
-        return store_identity(result.store)[1] == result.checksum
-
     clashes = name_clashes(sources)
     todo = [s for i, s in enumerate(sources) if i not in clashes]
     failed = {
@@ -138,7 +133,9 @@ def run_ingest(
                 Call(s.name, {"source": s, "out_dir": out_dir, "config": config, "client": client})
                 for s in todo
             ]
-            ran = iter(run_tasks("ingest", ingest_slide_task, calls, still_valid, config.overwrite))
+            ran = iter(
+                run_tasks("ingest", ingest_slide_task, calls, SLIDE_STORE.holds, config.overwrite)
+            )
     return [failed[i] if i in failed else next(ran) for i in range(len(sources))]
 
 
@@ -147,14 +144,11 @@ def run_weights(
 ) -> list[tuple[StageOutcome, WeightsResult | None]]:
     """Weight maps of each labelled store, one task per store, on one Dask cluster."""
 
-    def still_valid(result: WeightsResult) -> bool:
-        return output_state(result.store, WEIGHT_ARRAY) is not None
-
     if not stores:
         return []
     with _client(runtime, config.cluster) as client:
         calls = [_store_call(s, {"config": config, "client": client}) for s in stores]
-        return run_tasks("weights", weights_task, calls, still_valid)
+        return run_tasks("weights", weights_task, calls, WEIGHT_MAPS.holds)
 
 
 def run_train(config: TrainConfig) -> tuple[StageOutcome, TrainResult | None]:
@@ -203,9 +197,6 @@ def run_infer(
     """
     config = config.model_copy(update={"progress": False})
 
-    def still_valid(result: InferResult) -> bool:
-        return result.output is not None and installed_run_key(result.output) == result.run_key
-
     if not stores:
         return []
     with (
@@ -214,7 +205,9 @@ def run_infer(
     ):
         calls = [_store_call(s, {"segmenter": segmenter}) for s in stores]
         # One slide at a time: each already spreads its blocks over the whole cluster.
-        return run_tasks("infer", infer_task, calls, still_valid, config.overwrite, at_once=1)
+        return run_tasks(
+            "infer", infer_task, calls, SEGMENTATION_OUTPUT.holds, config.overwrite, at_once=1
+        )
 
 
 def _store_call(store: Path, kwargs: dict[str, Any]) -> Call:

@@ -23,16 +23,13 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
-from flows.cache_keys import digest, file_identity, settings_of, store_identity, stores_identity
+from flows.cache_keys import digest, file_identity, output_identity, settings_of
 from pipelines.cluster import scheduler_kept
 from pipelines.infer import InferResult, Segmenter
-from pipelines.ingest import IngestConfig, IngestResult, SlideSource, ingest_slide
+from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult, SlideSource, ingest_slide
 from pipelines.training.config import TrainConfig
 from pipelines.training.result import TrainResult
-from pipelines.weightmaps import WeightsConfig, WeightsResult, compute_weight_maps
-from segcore.store import TRAINING_GROUP, WEIGHT
-
-WEIGHT_ARRAY = f"{TRAINING_GROUP}/{WEIGHT}"
+from pipelines.weightmaps import WEIGHT_MAPS, WeightsConfig, WeightsResult, compute_weight_maps
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -75,7 +72,8 @@ def ingest_slide_task(
 
 
 def _weights_key(context: TaskRunContext, parameters: dict) -> str:
-    return digest("weights", store_identity(parameters["store"]), settings_of(parameters["config"]))
+    config: WeightsConfig = parameters["config"]
+    return digest("weights", output_identity([parameters["store"]], SLIDE_STORE), config.settings())
 
 
 @task(
@@ -97,7 +95,7 @@ def _train_key(context: TaskRunContext, parameters: dict) -> str:
         # The store it goes to, however it was named (None and its sqlite URI are one store).
         settings_of(config, "tracking_uri"),
         config.resolved_tracking_uri,
-        stores_identity([*config.stores, *config.val_stores], WEIGHT_ARRAY),
+        output_identity([*config.stores, *config.val_stores], WEIGHT_MAPS),
     )
 
 
@@ -115,7 +113,7 @@ def _infer_key(context: TaskRunContext, parameters: dict) -> str:
     segmenter: Segmenter = parameters["segmenter"]
     return digest(
         "infer",
-        store_identity(parameters["store"]),
+        output_identity([parameters["store"]], SLIDE_STORE),
         segmenter.model_uri,
         settings_of(segmenter.config),
     )

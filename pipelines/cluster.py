@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from typing import Any
 
 import dask
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, LocalCluster, as_completed, wait
 from distributed.comm import CommClosedError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -114,33 +117,78 @@ def scheduler_kept(client: Client | None) -> Iterator[None]:
         raise
 
 
+def default_in_flight(client: Client | None) -> int:
+    """Tasks to keep submitted at once: two per worker thread (one running, one queued so no
+    thread idles between tasks), or two per core without a cluster."""
+    threads = sum(client.nthreads().values()) if client is not None else os.cpu_count() or 1
+    return 2 * threads
+
+
 def map_bounded(
     client: Client | None,
     fn: Callable[..., Any],
     jobs: Iterable[tuple[Any, tuple]],
     max_in_flight: int,
 ) -> Iterator[tuple[Any, Any]]:
-    """(key, fn(*args)) for every (key, args), in completion order: in-process without a client,
-    else as Dask tasks with at most `max_in_flight` submitted at once (memory and the scheduler's
-    task count stay bounded however many jobs there are, and results arrive as they finish)."""
+    """(key, fn(*args)) for every (key, args), in completion order: as Dask tasks on `client`,
+    else on up to `max_in_flight` local threads. At most `max_in_flight` calls are submitted at
+    once, so memory and the scheduler's task count stay bounded however many jobs there are.
+
+    This is every stage's one way of running its Dask work. When a call fails (or the caller
+    stops early), no more are submitted and the calls still running are waited for before the
+    error propagates: a running Dask task cannot be cancelled, and a stage that then removes
+    its temporary output must not have late writes land in it.
+    """
     if client is None:
-        for key, args in jobs:
-            yield key, fn(*args)
+        yield from _map_threads(fn, jobs, max_in_flight)
         return
     jobs = iter(jobs)
     keys: dict[Any, Any] = {}
     queue = as_completed()
-    for key, args in jobs:
-        future = client.submit(fn, *args, pure=False)
-        keys[future] = key
-        queue.add(future)
-        if queue.count() >= max_in_flight:
-            break
-    for future in queue:
-        yield keys.pop(future), future.result()
-        future.release()
+
+    def submit_next() -> None:
         for key, args in jobs:
-            nxt = client.submit(fn, *args, pure=False)
-            keys[nxt] = key
-            queue.add(nxt)
-            break
+            future = client.submit(fn, *args, pure=False)
+            keys[future] = key
+            queue.add(future)
+            return
+
+    for _ in range(max_in_flight):
+        submit_next()
+    try:
+        for future in queue:
+            yield keys.pop(future), future.result()
+            future.release()
+            submit_next()
+    finally:
+        _settle(client, list(keys))
+
+
+def _settle(client: Client, futures: list) -> None:
+    """Wait for futures still running, whatever their outcome (not when the scheduler is gone:
+    Dask has cancelled them, and waiting would only wait out the reconnect)."""
+    if futures and not _lost(client):
+        wait(futures)
+
+
+def _map_threads(
+    fn: Callable[..., Any], jobs: Iterable[tuple[Any, tuple]], max_in_flight: int
+) -> Iterator[tuple[Any, Any]]:
+    # Leaving the pool's block waits for the calls still running, as `_settle` does.
+    with ThreadPoolExecutor(max_workers=max_in_flight) as pool:
+        jobs = iter(jobs)
+        pending: dict[Future, Any] = {}
+
+        def submit_next() -> None:
+            for key, args in jobs:
+                pending[pool.submit(fn, *args)] = key
+                return
+
+        for _ in range(max_in_flight):
+            submit_next()
+        while pending:
+            done, _ = futures_wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = pending.pop(future)
+                yield key, future.result()
+                submit_next()

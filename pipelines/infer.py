@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -32,11 +32,12 @@ from pipelines.cluster import (
     ClusterConfig,
     SchedulerLostError,
     dask_client,
+    default_in_flight,
     map_bounded,
     scheduler_kept,
 )
 from pipelines.inference.blocks import BlockJob, run_block
-from pipelines.inference.journal import Journal, run_key, run_lock
+from pipelines.inference.journal import Journal, run_lock
 from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host
 from pipelines.inference.outputs import (
     WorkGroup,
@@ -44,22 +45,25 @@ from pipelines.inference.outputs import (
     class_fractions,
     create_work_group,
     finish,
-    install,
-    installed_run_key,
+    install_run,
     record_run,
 )
 from pipelines.inference.plan import SlidePlan, plan_slide
-from pipelines.inference.report import RunProgress, print_summary, run_progress
+from pipelines.inference.report import print_summary
 from pipelines.inference.source import resolve_model
+from pipelines.ingest import SLIDE_STORE
+from pipelines.progress import RunProgress
 from pipelines.redaction import RedactedUri
 from pipelines.sources import find_stores
-from segcore.errors import one_line
+from pipelines.stage import Identity, StageOutput, StageResult, error_line, run_archive
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
-from segcore.store import SlideStore
+from segcore.store import LABELS_GROUP, SEGMENTATION, SlideStore
 
 #: Bumped when the bytes a run writes change for the same model and settings.
-OUTPUT_FORMAT = 1
+OUTPUT_FORMAT = 2
+#: A segmentation's identity is recorded on its label group in the output store.
+SEGMENTATION_OUTPUT = StageOutput(f"{LABELS_GROUP}/{SEGMENTATION}")
 
 
 class InferError(ValueError):
@@ -94,29 +98,20 @@ class InferConfig(BaseModel):
     cluster: ClusterConfig = Field(default_factory=_default_cluster)
     overwrite: bool = False
     progress: bool = True
+    #: MLflow store of registry and run URIs; None = the default workdir's, as training's
+    #: (pipelines.runtime.default_tracking_uri).
     tracking_uri: RedactedUri = None
 
 
-@dataclass
-class InferResult:
-    """Outcome for one slide; `status` is "written", "skipped" or "failed" (with `error`)."""
+class InferResult(StageResult):
+    """Outcome for one slide; `output` is the store its labels went to."""
 
-    store: Path
-    status: Literal["written", "skipped", "failed"]
-    output: Path | None = None
-    error: str | None = None
-    seconds: float = 0.0
     shape: tuple[int, int] | None = None
     tissue_fraction: float | None = None
     mpx_per_s: float | None = None
     class_fractions: list[float] | None = None
     n_instances: int | None = None
-    blocks: dict[str, int] = field(default_factory=dict)
-    run_key: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.store.name.removesuffix(".zarr")
+    blocks: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -166,7 +161,7 @@ def _session(
             device_type=devices[0],
             tile_size=config.tile_size or min(tile for _, tile in profiles),
             precision=precision,
-            max_in_flight=config.max_in_flight or 2 * sum(client.nthreads().values()),
+            max_in_flight=config.max_in_flight or default_in_flight(client),
         )
 
 
@@ -207,10 +202,10 @@ class Segmenter:
         with scheduler_kept(session.client):
             try:
                 return _segment(Path(store), session, self.config, progress or RunProgress(None, 1))
-            except InferError:
+            except (InferError, SchedulerLostError):
                 raise
             except Exception as exc:
-                raise InferError(_one_line(Path(store), exc)) from exc
+                raise InferError(error_line(Path(store), exc)) from exc
 
     def close(self) -> None:
         """Take the model off the workers (and stop a cluster the session started)."""
@@ -306,17 +301,25 @@ def _segment(
         )
     geometry = UNetGeometry(model.config["depth"], model.config["padding"])
     plan = plan_slide((height, width), geometry, session.tile_size, config.block_size)
-    settings = _settings(session, plan, config)
-    key = run_key({"model": model.digest, "shape": plan.shape, "format": OUTPUT_FORMAT, **settings})
+    identity = Identity(
+        stage="infer",
+        format=OUTPUT_FORMAT,
+        inputs={"store": SLIDE_STORE.recorded_key(slide.path), "shape": list(plan.shape)},
+        settings=_settings(session, plan, config),
+        model=model.digest,
+    )
+    key = identity.key
     output = slide.path if config.output_dir is None else config.output_dir / slide.path.name
-    result = InferResult(store=slide.path, status="written", output=output, run_key=key)
-    result.shape = plan.shape
+    result = InferResult(
+        store=slide.path, status="written", output=output, identity=key, shape=plan.shape
+    )
     output.mkdir(parents=True, exist_ok=True)
     with run_lock(output):
         journal = Journal.of(output, key)
-        # Current = made by this model with these output-changing settings (the run key);
-        # another model or setting replaces it, like ingest and weights redo theirs.
-        if installed_run_key(output) == key and not journal.root.exists() and not config.overwrite:
+        # Current = made from this store by this model with these output-changing settings;
+        # anything else replaces it, as ingest and weights redo theirs.
+        current = SEGMENTATION_OUTPUT.is_current(output, identity)
+        if current and not journal.root.exists() and not config.overwrite:
             result.status = "skipped"
             result.error = "already segmented with this model and settings"
             return result
@@ -349,7 +352,7 @@ def _segment(
                 mpp,
                 config.connectivity,
                 session.max_in_flight,
-                key,
+                identity,
             )
         else:
             n_instances = built_instances(work)
@@ -367,12 +370,11 @@ def _segment(
         }
         record_run(
             work,
+            identity,
             {
-                "run_key": key,
                 "model_uri": model.uri,
                 "model_version": model.version,
                 "model_digest": model.digest,
-                "settings": settings,
                 "started": started_at,
                 "finished": datetime.now(UTC).isoformat(),
                 "seconds": result.seconds,
@@ -383,7 +385,7 @@ def _segment(
                 "blocks": result.blocks,
             },
         )
-        install(work, output, slide.path, config.probabilities is not None)
+        install_run(work, output, slide.path, config.probabilities is not None)
         journal.remove()
         progress.slide_done(task)
     return result
@@ -403,37 +405,20 @@ def _run_blocks(
             raise InferError(f"{store}: {exc}") from exc
 
 
-def _one_line(store: Path, exc: Exception) -> str:
-    message = one_line(exc)
-    return message if message.startswith(str(store)) else f"{store}: {message}"
-
-
 def _infer_all(
     stores: Sequence[Path], model_uri: str | Path, config: InferConfig, client: Client | None
 ) -> list[InferResult]:
-    results = []
-    with (
-        Segmenter(model_uri, config, client) as segmenter,
-        run_progress(config.progress, len(stores)) as progress,
-    ):
+    with Segmenter(model_uri, config, client) as segmenter:
         segmenter.open()  # a model or cluster problem ends the call before any slide
-        for store in stores:
-            start = time.perf_counter()
-            try:
-                results.append(segmenter.segment(store, progress))
-            except SchedulerLostError:
-                raise  # no later slide can run: one line says why
-            except Exception as exc:  # one bad slide must not end an archive run
-                results.append(
-                    InferResult(
-                        store=Path(store),
-                        status="failed",
-                        error=_one_line(store, exc),
-                        seconds=time.perf_counter() - start,
-                    )
-                )
-            progress.archive_advance()
-    return results
+        return run_archive(
+            stores,
+            segmenter.segment,
+            lambda store, error, seconds: InferResult(
+                store=store, status="failed", error=error, seconds=seconds
+            ),
+            subject=lambda store: store,
+            progress=config.progress,
+        )
 
 
 def infer_slide(

@@ -85,3 +85,10 @@ def install(tmp: Path, final: Path) -> None:
     os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old)
+
+
+def write_file(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it into place: readers never see half."""
+    tmp = temporary_sibling(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,38 +1,51 @@
-"""Stage 2: a slide store's training target and U-Net loss weight map, chunk by chunk with Dask.
+"""Stage 2 under the stage contract (`pipelines.stage`): a slide store's training target and
+U-Net loss weight map, block by block on Dask.
 
-Reads `labels/annotations/0`, writes `training/target` (uint8, 1 = cell) and `training/weight`
-(float32) chunked like image level 0. The result equals `segcore.weights.weight_map` of the
-whole image (see `compute_weight_maps`); class frequencies are counted over the whole slide.
+Reads `labels/annotations/0`, writes the group `training` with `target` (uint8, 1 = cell) and
+`weight` (float32) chunked like image level 0, equal to `segcore.weights.weight_map` of the
+whole image. Two passes over blocks of about `block_size` px, each block a whole number of
+stored chunks (so no two tasks write one chunk), both through `pipelines.cluster.map_bounded`:
+
+  scan    per block: a digest of each annotation chunk (the identity's input) and the cell
+          pixels left after `separate_touching` (the slide-wide class frequencies);
+  write   per block: the annotations around it with a halo of `border_halo(w0, sigma,
+          tolerance) + 1` px, separated, weighted, cropped to the block.
+
+Worked example, a 5000 x 3000 px slide stored in 1024 px chunks, block_size 2048, defaults
+(w0 10, sigma 5, tolerance 1e-3 -> halo 22): blocks of 2048 x 2048 px in a 3 x 2 grid, the
+top-left one reads rows and columns 0..2071 and writes 0..2047.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
-import uuid
 import warnings
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
 
-import dask
-import dask.array as da
 import numpy as np
 import zarr
-from dask.delayed import Delayed
-from distributed import Client, futures_of
+from distributed import Client
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 
-from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.cluster import ClusterConfig, dask_client, default_in_flight, map_bounded
+from pipelines.config import output_settings
+from pipelines.ingest import SLIDE_STORE
+from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
+from pipelines.storage import install, remove_stale_siblings, temporary_sibling
 from segcore import ngff
-from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, CheckedArray, SlideStore
+from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore, read_checked
 from segcore.weights import border_halo, class_weights_from_counts, separate_touching, weight_map
 
-ATTRS_KEY = "weights"
-TMP_PREFIX = f".{TRAINING_GROUP}-tmp-"
-OLD_PREFIX = f".{TRAINING_GROUP}-old-"
+#: Bumped when the maps written for the same annotations and settings change.
+WEIGHTS_FORMAT = 1
+#: The maps' identity is recorded on the `training` group of a store.
+WEIGHT_MAPS = StageOutput(TRAINING_GROUP)
+
+Region = tuple[slice, slice]
 
 
 class WeightsError(ValueError):
@@ -46,25 +59,26 @@ class WeightsConfig(BaseModel):
 
     w0: float = Field(default=10.0, ge=0)
     sigma: float = Field(default=5.0, gt=0)
-    # The border term is dropped where it is below this; it sets the Dask halo.
+    # The border term is dropped where it is below this; it sets the halo.
     tolerance: float = Field(default=1e-3, gt=0)
     # (background, cell); None = N / (2 N_c) from the whole slide's class counts.
     class_weights: tuple[NonNegativeFloat, NonNegativeFloat] | None = None
-    # Pixels per Dask block side, rounded to a multiple of the store's chunk (or shard) size.
+    # Pixels per block side, rounded to a multiple of the store's chunk (or shard) size.
+    # Where the work is cut, not what it writes: not part of the output's identity.
     block_size: int = Field(default=2048, ge=1)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    def settings(self) -> dict:
+        """The settings that decide the maps."""
+        return output_settings(self, "block_size")
 
-@dataclass(frozen=True)
-class WeightsResult:
+
+class WeightsResult(StageResult):
     """What `compute_weight_maps` did for one store, with the slide-wide class statistics."""
 
-    store: Path
-    status: Literal["written", "skipped"]
-    seconds: float
-    halo: int
-    class_weights: tuple[float, float]
-    class_counts: tuple[int, int]
+    halo: int | None = None
+    class_weights: tuple[float, float] | None = None
+    class_counts: tuple[int, int] | None = None
 
 
 def _open_annotations(path: Path) -> tuple[SlideStore, zarr.Array]:
@@ -82,216 +96,195 @@ def _open_annotations(path: Path) -> tuple[SlideStore, zarr.Array]:
     return slide, slide.verified(annotations)
 
 
-def _write_unit(image: zarr.Array) -> tuple[int, int]:
-    """The (y, x) extent a writer must align to: level 0's shard, else its chunk."""
-    return tuple((image.shards or image.chunks)[1:])
+# --- the block grid ------------------------------------------------------------------------
 
 
-def _block_chunks(shape: tuple[int, ...], unit: tuple[int, ...], block_size: int) -> tuple:
-    """Dask chunks: blocks of about `block_size` px, a multiple of `unit` so no two blocks write
-    the same stored chunk."""
-    sides = (max(u, block_size // u * u) for u in unit)
-    return tuple(min(side, n) for side, n in zip(sides, shape, strict=True))
+def _block_side(unit: tuple[int, int], block_size: int) -> tuple[int, int]:
+    """About `block_size` px, a multiple of `unit` (at least one unit)."""
+    return tuple(max(u, block_size // u * u) for u in unit)
 
 
-def _depth(chunks: tuple[tuple[int, ...], ...], halo: int) -> dict[int, int]:
-    """Overlap per axis: none along an axis held in one block (nothing beyond it but background,
-    which is what the whole-image computation sees there too)."""
-    return {axis: (halo if len(c) > 1 else 0) for axis, c in enumerate(chunks)}
+def _blocks(shape: tuple[int, int], side: tuple[int, int]) -> Iterator[Region]:
+    for y in range(0, shape[0], side[0]):
+        for x in range(0, shape[1], side[1]):
+            yield slice(y, min(y + side[0], shape[0])), slice(x, min(x + side[1], shape[1]))
 
 
-def _digest(block: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).digest()
+def _grown(region: Region, margin: int, shape: tuple[int, int]) -> tuple[Region, Region]:
+    """`region` grown by `margin` px and clipped to the image (outside is background to both
+    `separate_touching` and `weight_map`, as for the whole image), and where `region` sits
+    inside the grown one."""
+    grown = tuple(
+        slice(max(r.start - margin, 0), min(r.stop + margin, n))
+        for r, n in zip(region, shape, strict=True)
+    )
+    inner = tuple(
+        slice(r.start - g.start, r.stop - g.start) for r, g in zip(region, grown, strict=True)
+    )
+    return grown, inner
 
 
-def _combine(digests: list[bytes], shape: tuple[int, ...], dtype: str) -> str:
-    combined = hashlib.blake2b(f"{shape}{dtype}".encode(), digest_size=16)
-    for digest in digests:
+# --- block tasks (run on Dask workers) ------------------------------------------------------
+
+
+def _scan_block(annotations: zarr.Array, region: Region) -> tuple[list, int]:
+    """(chunk index, digest) of every annotation chunk in `region`, and its cell pixels once
+    touching cells are separated."""
+    shape = tuple(annotations.shape)
+    grown, inner = _grown(region, 1, shape)
+    labels = read_checked(annotations, grown)
+    core = labels[inner]
+    cy, cx = annotations.chunks
+    digests = []
+    for y in range(0, core.shape[0], cy):
+        for x in range(0, core.shape[1], cx):
+            chunk = np.ascontiguousarray(core[y : y + cy, x : x + cx])
+            index = ((region[0].start + y) // cy, (region[1].start + x) // cx)
+            digests.append((index, hashlib.blake2b(chunk.tobytes(), digest_size=16).digest()))
+    n_cell = int(np.count_nonzero(separate_touching(labels)[inner]))
+    return digests, n_cell
+
+
+def _write_block(
+    annotations: zarr.Array,
+    target: zarr.Array,
+    weight: zarr.Array,
+    region: Region,
+    halo: int,
+    config: WeightsConfig,
+    class_weights: np.ndarray,
+) -> None:
+    grown, inner = _grown(region, halo + 1, tuple(annotations.shape))
+    separated = separate_touching(read_checked(annotations, grown))
+    weights = weight_map(
+        separated, config.w0, config.sigma, class_weights, tolerance=config.tolerance
+    )
+    target[region] = (separated[inner] > 0).astype(np.uint8)
+    weight[region] = weights[inner].astype(np.float32)
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def _annotations_digest(digests: list, annotations: zarr.Array) -> str:
+    """One hash over the chunk digests in raster order (independent of the block grid)."""
+    combined = hashlib.blake2b(f"{annotations.shape}{annotations.dtype}".encode(), digest_size=16)
+    for _, digest in sorted(digests):
         combined.update(digest)
     return combined.hexdigest()
 
 
-def _annotations_checksum(annotations: zarr.Array) -> Delayed:
-    """Content hash of the annotations, read chunk by chunk in parallel."""
-    labels = _read_lazily(annotations, annotations.chunks)
-    digests = [dask.delayed(_digest)(block) for block in labels.to_delayed().ravel()]
-    return dask.delayed(_combine)(digests, tuple(annotations.shape), str(annotations.dtype))
+def _write_unit(slide: SlideStore, annotations: zarr.Array) -> tuple[int, int]:
+    """The (y, x) extent blocks align to: level 0's shard (else chunk), which the maps share,
+    and the annotations' chunk, which the scan digests whole."""
+    image = slide.image(0)
+    unit = (image.shards or image.chunks)[1:]
+    return tuple(math.lcm(u, c) for u, c in zip(unit, annotations.chunks, strict=True))
 
 
-def _read_lazily(annotations: zarr.Array, chunks: tuple) -> da.Array:
-    """The annotations as a Dask array whose reads name a chunk that fails to decode."""
-    return da.from_array(CheckedArray(annotations), chunks=chunks, name=False, asarray=True)
-
-
-def _weight_block(
-    separated: np.ndarray, w0: float, sigma: float, tolerance: float, class_weights: np.ndarray
-) -> np.ndarray:
-    return weight_map(separated, w0, sigma, class_weights, tolerance=tolerance)
-
-
-def _stored_attrs(slide: SlideStore) -> dict | None:
-    target, weight = slide.target, slide.weight
-    if target is None or weight is None or ATTRS_KEY not in weight.attrs:
-        return None
-    if tuple(weight.shape) != tuple(slide.shape[1:]) or tuple(target.shape) != tuple(weight.shape):
-        return None
-    return dict(weight.attrs[ATTRS_KEY])
-
-
-def _swap_into_place(root: Path, tmp_name: str) -> None:
-    """Replace `training` by the finished temporary group: two renames, never a half map."""
-    final = root / TRAINING_GROUP
-    old = root / f"{OLD_PREFIX}{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        final.rename(old)
-    (root / tmp_name).rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def _install_maps(
+    slide: SlideStore,
+    annotations: zarr.Array,
+    blocks: list[Region],
+    halo: int,
+    config: WeightsConfig,
+    class_weights: np.ndarray,
+    record: tuple[Identity, dict],
+    client: Client | None,
+) -> None:
+    """Write the maps into a temporary sibling of `training` and install it."""
+    final = slide.path / TRAINING_GROUP
+    remove_stale_siblings(final)
+    tmp = temporary_sibling(final)
+    image = slide.image(0)
+    chunks = tuple(image.chunks[1:])
+    shards = tuple(image.shards[1:]) if image.shards else None
+    try:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        target, weight = (
+            ngff.create_array(
+                group, name, annotations.shape, dtype, chunks, shards=shards, dimension_names="yx"
+            )
+            for name, dtype in ((TARGET, np.uint8), (WEIGHT, np.float32))
+        )
+        jobs = (
+            (region, (annotations, target, weight, region, halo, config, class_weights))
+            for region in blocks
+        )
+        for _ in map_bounded(client, _write_block, jobs, default_in_flight(client)):
+            pass
+        record_identity(group, *record)
+        install(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     # Readers that trust consolidated metadata would not see the new arrays otherwise.
-    if zarr.open_group(root, mode="r").metadata.consolidated_metadata is not None:
+    if zarr.open_group(slide.path, mode="r").metadata.consolidated_metadata is not None:
         with warnings.catch_warnings():
             # The store chose consolidation already; zarr's "not in the v3 spec" note is noise.
             warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            zarr.consolidate_metadata(root)
-
-
-def _remove_leftovers(root: Path) -> None:
-    """Temporary groups of runs that crashed (one run per store at a time is assumed)."""
-    for leftover in root.iterdir():
-        if leftover.name.startswith((TMP_PREFIX, OLD_PREFIX)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _write_maps(
-    slide: SlideStore,
-    separated: da.Array,
-    config: WeightsConfig,
-    halo: int,
-    class_weights: np.ndarray,
-    attrs: dict,
-    client: Client,
-) -> None:
-    image = slide.image(0)
-    chunks, shards = tuple(image.chunks[1:]), (tuple(image.shards[1:]) if image.shards else None)
-    _remove_leftovers(slide.path)
-    tmp_name = f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}"
-    root = zarr.open_group(slide.path, mode="r+", use_consolidated=False)
-    try:
-        tmp = root.create_group(tmp_name)
-        arrays = [
-            ngff.create_array(
-                tmp, name, separated.shape, dtype, chunks, shards=shards, dimension_names="yx"
-            )
-            for name, dtype in ((TARGET, np.uint8), (WEIGHT, np.float32))
-        ]
-        weight = da.map_overlap(
-            partial(
-                _weight_block,
-                w0=config.w0,
-                sigma=config.sigma,
-                tolerance=config.tolerance,
-                class_weights=class_weights,
-            ),
-            separated,
-            depth=_depth(separated.chunks, halo),
-            boundary=0,
-            dtype=np.float32,
-            meta=np.empty((0, 0), np.float32),
-        )
-        # map_overlap may rechunk when a block is thinner than the halo; writes must stay
-        # aligned to stored chunks.
-        target = (separated > 0).astype(np.uint8)
-        weight = weight.rechunk(separated.chunks)
-        # Each store task writes its block and returns None: nothing large comes back here.
-        written = futures_of(
-            client.persist(list(da.store([target, weight], arrays, lock=False, compute=False)))
-        )
-        try:
-            client.gather(written)
-        except BaseException:
-            client.cancel(written)  # stop writing a map that is being thrown away
-            raise
-        for array in arrays:
-            array.attrs[ATTRS_KEY] = attrs
-        _swap_into_place(slide.path, tmp_name)
-    finally:
-        shutil.rmtree(slide.path / tmp_name, ignore_errors=True)
+            zarr.consolidate_metadata(slide.path)
 
 
 def _compute(
     slide: SlideStore,
     annotations: zarr.Array,
     config: WeightsConfig,
-    client: Client,
+    client: Client | None,
     start: float,
 ) -> WeightsResult:
     halo = border_halo(config.w0, config.sigma, config.tolerance)
-    requested = list(config.class_weights) if config.class_weights is not None else None
-    inputs = {
-        "w0": config.w0,
-        "sigma": config.sigma,
-        "tolerance": config.tolerance,
-        "requested_class_weights": requested,
-        "annotations_checksum": client.compute(_annotations_checksum(annotations), sync=True),
-    }
-    stored = _stored_attrs(slide)
-    if stored is not None and all(stored.get(key) == value for key, value in inputs.items()):
-        return WeightsResult(
-            store=slide.path,
-            status="skipped",
-            seconds=time.perf_counter() - start,
-            halo=halo,
-            class_weights=tuple(stored["class_weights"]),
-            class_counts=tuple(stored["class_counts"]),
-        )
-
-    labels = _read_lazily(
-        annotations,
-        _block_chunks(annotations.shape, _write_unit(slide.image(0)), config.block_size),
+    shape = tuple(annotations.shape)
+    blocks = list(_blocks(shape, _block_side(_write_unit(slide, annotations), config.block_size)))
+    digests, n_cell = [], 0
+    jobs = ((region, (annotations, region)) for region in blocks)
+    for _, (block_digests, block_cells) in map_bounded(
+        client, _scan_block, jobs, default_in_flight(client)
+    ):
+        digests.extend(block_digests)
+        n_cell += block_cells
+    identity = Identity(
+        stage="weights",
+        format=WEIGHTS_FORMAT,
+        inputs={"annotations": _annotations_digest(digests, annotations)},
+        settings=config.settings(),
     )
-    separated = da.map_overlap(
-        separate_touching,
-        labels,
-        depth=_depth(labels.chunks, 1),
-        boundary=0,
-        dtype=labels.dtype,
-        meta=np.empty((0, 0), labels.dtype),
-    )
-    # Class frequencies of the whole slide (one reduction), not of each block.
-    n_cell = int(client.compute(da.count_nonzero(separated), sync=True))
-    counts = (int(np.prod(labels.shape)) - n_cell, n_cell)
+    result = WeightsResult(store=slide.path, status="skipped", identity=identity.key, halo=halo)
+    if WEIGHT_MAPS.is_current(slide.path, identity):
+        stored = zarr.open_group(WEIGHT_MAPS.node(slide.path), mode="r").attrs["segflow"]
+        result.class_weights = tuple(stored["class_weights"])
+        result.class_counts = tuple(stored["class_counts"])
+        result.seconds = time.perf_counter() - start
+        return result
+    # Class frequencies of the whole slide, not of each block.
+    counts = (int(np.prod(shape)) - n_cell, n_cell)
     class_weights = (
-        np.asarray(requested, dtype=np.float64)
-        if requested is not None
+        np.asarray(config.class_weights, dtype=np.float64)
+        if config.class_weights is not None
         else class_weights_from_counts(counts)
     )
-    attrs = {
-        **inputs,
-        "store_checksum": slide.metadata.get("checksum"),
+    metadata = {
+        "store": SLIDE_STORE.recorded_key(slide.path),
         "halo": halo,
         "class_weights": class_weights.tolist(),
         "class_counts": list(counts),
     }
-    _write_maps(slide, separated, config, halo, class_weights, attrs, client)
-    return WeightsResult(
-        store=slide.path,
-        status="written",
-        seconds=time.perf_counter() - start,
-        halo=halo,
-        class_weights=tuple(class_weights.tolist()),
-        class_counts=counts,
+    _install_maps(
+        slide, annotations, blocks, halo, config, class_weights, (identity, metadata), client
     )
+    result.status = "written"
+    result.class_weights = tuple(class_weights.tolist())
+    result.class_counts = counts
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def compute_weight_maps(
     store: Path, config: WeightsConfig | None = None, client: Client | None = None
 ) -> WeightsResult:
-    """Write `training/target` and `training/weight` of one slide store; skip when current.
+    """Write `training/target` and `training/weight` of one slide store; "skipped" when the
+    installed maps were made from the same annotations and settings.
 
-    Each Dask block sees `border_halo(w0, sigma, tolerance)` px of its neighbours (1 more for
-    `separate_touching`) and the slide-wide class weights, so the map equals
-    `weight_map(separate_touching(annotations), tolerance=tolerance)` of the whole image.
-    Maps are written into a temporary group and renamed into place when complete. "skipped"
-    when the stored maps' settings and annotations checksum match.
+    The blocks run on `client`, or on a cluster started from `config.cluster` without one.
     """
     start = time.perf_counter()
     config = config or WeightsConfig()
@@ -300,3 +293,23 @@ def compute_weight_maps(
         return _compute(slide, annotations, config, client, start)
     with dask_client(config.cluster) as own_client:
         return _compute(slide, annotations, config, own_client, start)
+
+
+def weights_archive(
+    stores: Sequence[Path], config: WeightsConfig | None = None, progress: bool = False
+) -> list[WeightsResult]:
+    """Weight maps of many labelled stores on one cluster; one result per store, a store that
+    fails "failed" with its one-line error while the others go on."""
+    config = config or WeightsConfig()
+    if not stores:
+        raise WeightsError("no stores given: name at least one labelled slide store")
+    with dask_client(config.cluster) as client:
+        return run_archive(
+            [Path(s) for s in stores],
+            lambda store, bars: compute_weight_maps(store, config, client),
+            lambda store, error, seconds: WeightsResult(
+                store=store, status="failed", error=error, seconds=seconds
+            ),
+            subject=lambda store: store,
+            progress=progress,
+        )

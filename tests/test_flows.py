@@ -39,6 +39,7 @@ from flows.runner import run_flow
 from flows.runtime import Runtime
 from flows.tasks import infer_task, ingest_slide_task, is_transient, train_task
 from pipelines.config import load_config
+from pipelines.infer import SEGMENTATION_OUTPUT
 from pipelines.ingest import IngestConfig, IngestError
 from pipelines.train import TrainConfig
 from segcore.store import SlideStore, StoreError
@@ -82,7 +83,7 @@ def test_pipeline_isolates_a_corrupt_slide_and_reruns_without_work(
 ):
     monkeypatch.chdir(tmp_path)  # anything a library writes to its cwd stays out of the repo
     archive = tiny_archive(tmp_path / "archive")
-    runtime = Runtime(workdir=tmp_path / "work").resolved({})
+    runtime = Runtime(workdir=tmp_path / "work").resolved()
     config = load_config(PipelineConfig, None, [f"archive={archive}", *TINY])
 
     first = run_flow(pipeline_flow, runtime, config=config)
@@ -135,7 +136,7 @@ def test_infer_flow_resegments_when_the_champion_changes(tmp_path, prefect_serve
     monkeypatch.chdir(tmp_path)
     archive = tiny_archive(tmp_path / "archive")
     (archive / "broken.tif").unlink()
-    runtime = Runtime(workdir=tmp_path / "work").resolved({})
+    runtime = Runtime(workdir=tmp_path / "work").resolved()
     config = load_config(PipelineConfig, None, [f"archive={archive}", *TINY])
     ingest = config.ingest
 
@@ -171,8 +172,7 @@ def test_infer_flow_resegments_when_the_champion_changes(tmp_path, prefect_serve
     diagonal = config.infer.model_copy(update={"connectivity": 2})
     redone = run_flow(infer_flow, runtime, archive=archive, ingest=ingest, infer=diagonal)
     assert {by_stage(redone.summary)["infer", s].status for s in "abc"} == {"written"}
-    recorded = SlideStore.open(stores[0]).group["labels/segmentation"].attrs["segflow"]
-    assert recorded["settings"]["connectivity"] == 2
+    assert SEGMENTATION_OUTPUT.recorded(stores[0]).settings["connectivity"] == 2
 
 
 def test_cache_keys_follow_inputs_and_settings_only(tmp_path):
@@ -213,7 +213,7 @@ def test_summary_markdown_has_a_row_per_slide_and_names_failures():
 
 def test_deployments_include_a_nightly_infer_with_valid_parameters(tmp_path):
     config = load_config(PipelineConfig, None, [f"archive={tmp_path}"])
-    runtime = Runtime(workdir=tmp_path / "work").resolved({})
+    runtime = Runtime(workdir=tmp_path / "work").resolved()
     built = {d.name: d for d in deployments(config, runtime, "30 1 * * *")}
     assert set(built) == {NIGHTLY, "pipeline", "ingest", "weights", "train", "infer"}
     nightly = built[NIGHTLY]

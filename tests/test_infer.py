@@ -18,7 +18,13 @@ import zarr
 from scipy import ndimage
 
 from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.infer import InferConfig, InferError, infer_archive, infer_slide
+from pipelines.infer import (
+    SEGMENTATION_OUTPUT,
+    InferConfig,
+    InferError,
+    infer_archive,
+    infer_slide,
+)
 from pipelines.inference.journal import JOURNAL_DIR
 from segcore import ngff
 from segcore.checkpoint import save_unet
@@ -241,19 +247,19 @@ def test_rerun_is_skipped_and_changed_outputs_are_redone(tmp_path, model_file, c
     assert again.status == "skipped" and "already segmented" in again.error
     # Where and how the work runs does not change the output: still current.
     elsewhere = infer_slide(store, model_file, config(max_in_flight=1), client)
-    assert elsewhere.status == "skipped" and elsewhere.run_key == first.run_key
+    assert elsewhere.status == "skipped" and elsewhere.identity == first.identity
     # A setting that changes the bytes written redoes the slide, no overwrite needed.
     other = infer_slide(store, model_file, config(batch_size=2), client)
-    assert other.status == "written" and other.run_key != first.run_key
-    meta = zarr.open_group(store / "labels" / "segmentation", mode="r").attrs["segflow"]
-    assert meta["run_key"] == other.run_key and meta["settings"]["batch_size"] == 2
+    assert other.status == "written" and other.identity != first.identity
+    recorded = SEGMENTATION_OUTPUT.recorded(store)
+    assert recorded.key == other.identity and recorded.settings["batch_size"] == 2
     # So does another model.
     retrained = tmp_path / "retrained.pt"
     save_unet(_expressive_unet(seed=1), retrained)
     replaced = infer_slide(store, retrained, config(batch_size=2), client)
-    assert replaced.status == "written" and replaced.run_key != other.run_key
+    assert replaced.status == "written" and replaced.identity != other.identity
     forced = infer_slide(store, retrained, config(batch_size=2, overwrite=True), client)
-    assert forced.status == "written" and forced.run_key == replaced.run_key
+    assert forced.status == "written" and forced.identity == replaced.identity
 
 
 def test_wrong_model_fails_that_slide_only(tmp_path, model_file, client):

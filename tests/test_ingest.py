@@ -123,7 +123,7 @@ def test_openslide_slide_equals_its_source(tmp_path, client):
     assert meta["source"] == str(path) and meta["source_bytes"] == path.stat().st_size
     assert meta["tissue_downsample"] == 2 and 0.2 < meta["tissue_fraction"] < 0.6
     assert store.tissue.shape == (1484, 1110) and store.annotations is None
-    assert meta["segflow_version"] and meta["settings"] == config.settings()
+    assert meta["segflow_version"] and meta["identity"]["settings"] == config.settings()
     assert len(meta["checksum"]) == 64
     assert_pyramid([store.image(k) for k in range(store.n_levels)], "mean")
     assert ome_nodes(result.store)["image:" + result.store.name] == [

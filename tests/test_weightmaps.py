@@ -3,18 +3,28 @@
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import zarr
 
 import pipelines.weightmaps as weightmaps
 from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.ingest import IngestConfig, ingest_slide
+from pipelines.ingest import SLIDE_STORE, IngestConfig, ingest_slide
 from pipelines.sources import SlideSource
-from pipelines.weightmaps import WeightsConfig, WeightsError, compute_weight_maps
+from pipelines.weightmaps import WEIGHT_MAPS, WeightsConfig, WeightsError, compute_weight_maps
 from segcore import ngff
 from segcore.store import STORE_FORMAT, SlideStore, StoreError
 from segcore.synthetic import write_synthetic_slide
 from segcore.weights import separate_touching, training_target, weight_map
+
+
+def dead_pid() -> int:
+    """A process id that no process has now."""
+    pid = 4_000_000
+    while psutil.pid_exists(pid):
+        pid += 1
+    return pid
+
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -75,8 +85,10 @@ def cells_across_chunks(shape: tuple[int, int], chunk: int, n_cells: int, seed: 
 
 
 def stored(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The maps, and their record: the stage's metadata with the identity's settings."""
     slide = SlideStore.open(path)
-    return slide.target[:], slide.weight[:], dict(slide.weight.attrs["weights"])
+    record = dict(zarr.open_group(WEIGHT_MAPS.node(path), mode="r").attrs["segflow"])
+    return slide.target[:], slide.weight[:], {**record, **record["identity"]["settings"]}
 
 
 def test_chunked_weight_map_equals_whole_image(tmp_path, client):
@@ -105,7 +117,6 @@ def test_chunked_weight_map_equals_whole_image(tmp_path, client):
     assert slide.weight.chunks == slide.target.chunks == (256, 256)
     assert attrs["halo"] == result.halo == 22
     assert attrs["w0"] == 10.0 and attrs["sigma"] == 5.0 and attrs["tolerance"] == 1e-3
-    assert attrs["store_checksum"] == "test-checksum"
     assert attrs["class_counts"] == list(result.class_counts)
     assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
 
@@ -116,6 +127,9 @@ def test_reruns_skip_until_settings_or_annotations_change(tmp_path, client):
     config = WeightsConfig(block_size=128)
     assert compute_weight_maps(path, config, client).status == "written"
     assert compute_weight_maps(path, config, client).status == "skipped"
+    # Where the work is cut is not what it writes: other blocks, same maps, nothing redone.
+    other_blocks = config.model_copy(update={"block_size": 256})
+    assert compute_weight_maps(path, other_blocks, client).status == "skipped"
 
     sharper = config.model_copy(update={"sigma": 3.0})
     assert compute_weight_maps(path, sharper, client).status == "written"
@@ -158,22 +172,28 @@ def test_failed_run_keeps_previous_maps_and_leaves_nothing_behind(tmp_path, clie
     path = make_store(tmp_path / "slide.zarr", labels, chunk=64)
     compute_weight_maps(path, WeightsConfig(block_size=64), client)
     before = stored(path)
-    (path / ".training-tmp-crashed").mkdir()  # what a killed run leaves
+    crashed = path / f".training.tmp-{dead_pid()}-0badc0de"  # what a killed run leaves
+    live = path / ".training.tmp-1-5afe5afe"  # another run's, still writing (pid 1 is alive)
+    crashed.mkdir()
+    live.mkdir()
 
     def explode(*args, **kwargs):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(weightmaps, "_weight_block", explode)
+    monkeypatch.setattr(weightmaps, "_write_block", explode)
     with pytest.raises(RuntimeError, match="worker lost"):
         compute_weight_maps(path, WeightsConfig(block_size=64, sigma=4.0), client)
     after = stored(path)
     np.testing.assert_array_equal(after[1], before[1])
     assert after[2] == before[2]
 
-    monkeypatch.undo()  # the next run clears what blocks still in flight may have left
+    # A run clears what a dead run left, and only that; its own temporary goes when it fails.
+    assert [p.name for p in path.iterdir() if p.name.startswith(".")] == [live.name]
+
+    monkeypatch.undo()
     compute_weight_maps(path, WeightsConfig(block_size=64, sigma=4.0), client)
     assert stored(path)[2]["sigma"] == 4.0
-    assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in path.iterdir() if p.name.startswith(".")] == [live.name]
 
 
 @pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
@@ -215,5 +235,7 @@ def test_ingested_synthetic_slide(tmp_path, client):
     assert len(np.unique(annotations)) > 100
     assert np.abs(store.weight[:] - weight_map(separate_touching(annotations))).max() <= 1e-3
     assert store.weight.chunks == store.image(0).chunks[1:] == (128, 128)
-    assert store.weight.attrs["weights"]["store_checksum"] == store.metadata["checksum"]
+    # The maps name the store they were made from (its ingest identity).
+    assert stored(ingested.store)[2]["store"] == SLIDE_STORE.recorded_key(ingested.store)
+    assert SLIDE_STORE.recorded_key(ingested.store) == ingested.identity is not None
     assert result.status == "written"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 import zarr
 from distributed import get_worker
 
-from pipelines.inference.journal import write_json_atomic
 from pipelines.inference.model import ModelPlugin
 from pipelines.inference.plan import Block
+from pipelines.storage import write_file
 from segcore.ngff import writable
 from segcore.store import StoreError, read_checked
 from segcore.tiling import predict_padded
@@ -124,5 +125,5 @@ def _run_block(job: BlockJob) -> dict:
         counts = np.bincount(classes.ravel(), minlength=n_classes)
         outcome = {"status": "computed", "class_counts": counts.tolist()}
     outcome["seconds"] = time.perf_counter() - start
-    write_json_atomic(job.marker, outcome)
+    write_file(job.marker, json.dumps(outcome))
     return outcome

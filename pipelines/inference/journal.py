@@ -6,14 +6,14 @@ Layout inside the output store (ignored by Zarr and NGFF readers: no zarr.json a
       <run key>/
         done/<block>.json     written after all chunks of the block are on disk
         labels/..., probabilities/...   the run's outputs until they are moved into place
-The run key hashes the model's identity and every setting that changes output bytes, so a
-different model or setting starts afresh instead of mixing blocks from two runs.
+The run key is the key of the output's identity (`pipelines.stage.Identity`: the input store,
+the model's digest, every setting that changes output bytes), so a different model or
+setting starts afresh instead of mixing blocks from two runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,18 +30,6 @@ JOURNAL_DIR = ".segflow-infer"
 
 class RunLockedError(ValueError):
     """Another run holds the output store."""
-
-
-def run_key(identity: dict) -> str:
-    """Short stable hash of a JSON-able description of the model and output-changing settings."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary sibling and rename it into place: readers never see half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

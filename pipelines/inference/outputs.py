@@ -2,7 +2,8 @@
 
 Blocks write level 0 of `labels/segmentation` (and `probabilities`) inside
 `.segflow-infer/<run key>/out`; once every block is done, `finish` derives the pyramid levels
-and `labels/instances` there, then `install` renames each finished group into the output store.
+and `labels/instances` there, then `install_run` renames each finished group into the output
+store (`pipelines.storage.install`).
 A reader of the store therefore sees the previous result or the new one, never half of one,
 and every derived array is rebuilt from level 0 when a run is resumed before `finish` ended.
 """
@@ -22,6 +23,8 @@ from ome_zarr.writer import add_metadata, get_metadata
 
 from pipelines.cluster import map_bounded
 from pipelines.components import label_foreground
+from pipelines.stage import Identity, record_identity
+from pipelines.storage import install, remove_stale_siblings
 from segcore import ngff
 from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION
 
@@ -104,7 +107,7 @@ def finish(
     mpp: float | None,
     connectivity: int,
     max_in_flight: int,
-    key: str,
+    identity: Identity,
 ) -> int:
     """Derive pyramids and instances from the finished level 0; returns the instance count."""
     group = work.group
@@ -126,38 +129,32 @@ def finish(
     )
     for name in (SEGMENTATION, INSTANCES):
         _pyramid(group, name, client, max_in_flight, chunk_size)
-    group[f"{LABELS_GROUP}/{INSTANCES}"].attrs["segflow"] = {
-        "run_key": key,
-        "n_instances": n_instances,
-        "connectivity": connectivity,
-        "source": SEGMENTATION,
-    }
+    record_identity(
+        group[f"{LABELS_GROUP}/{INSTANCES}"],
+        identity,
+        {"n_instances": n_instances, "connectivity": connectivity, "source": SEGMENTATION},
+    )
     (work.root / _BUILT).write_text(str(n_instances))
     return n_instances
 
 
-def record_run(work: WorkGroup, attrs: dict) -> None:
-    """Run metadata on the segmentation label, unless an interrupted install moved it already."""
+def record_run(work: WorkGroup, identity: Identity, metadata: dict) -> None:
+    """The run's identity and metadata on the segmentation label (and its identity on the
+    probabilities), unless an interrupted install moved them already."""
     label = work.root / LABELS_GROUP / SEGMENTATION
     if label.exists():
-        zarr.open_group(label, mode="r+").attrs["segflow"] = attrs
+        record_identity(zarr.open_group(label, mode="r+"), identity, metadata)
     if (work.root / PROBABILITIES).exists():
-        probabilities = zarr.open_group(work.root / PROBABILITIES, mode="r+")
-        probabilities.attrs["segflow"] = {"run_key": attrs["run_key"]}
+        record_identity(zarr.open_group(work.root / PROBABILITIES, mode="r+"), identity)
 
 
 def built_instances(work: WorkGroup) -> int:
     return int((work.root / _BUILT).read_text())
 
 
-def _replace_dir(new: Path, final: Path, trash: Path) -> None:
-    """Move directory `new` to `final`; an old `final` goes to `trash` first, then is deleted."""
-    if final.exists():
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(new, final)
-    shutil.rmtree(trash, ignore_errors=True)
+def _install(new: Path, final: Path) -> None:
+    remove_stale_siblings(final)
+    install(new, final)
 
 
 def _ensure_group(path: Path, attrs: dict) -> zarr.Group:
@@ -167,12 +164,11 @@ def _ensure_group(path: Path, attrs: dict) -> zarr.Group:
         return zarr.create_group(path, attributes=attrs)
 
 
-def install(work: WorkGroup, output: Path, image_store: Path, probabilities: bool) -> None:
+def install_run(work: WorkGroup, output: Path, image_store: Path, probabilities: bool) -> None:
     """Move the finished groups into `output` and list the labels there (idempotent); an older
     run's probabilities go when this run wrote none, as they belong to the result replaced."""
     _ensure_group(output, {"segflow": {"source": str(image_store)}})
     labels = _ensure_group(output / LABELS_GROUP, {})
-    trash = work.root.parent / "trash"
     for name in (SEGMENTATION, INSTANCES):
         new = work.root / LABELS_GROUP / name
         if not new.exists():
@@ -186,9 +182,9 @@ def install(work: WorkGroup, output: Path, image_store: Path, probabilities: boo
             )
             ome["image-label"] = {**ome["image-label"], "source": {"image": source}}
             label.attrs["ome"] = ome
-        _replace_dir(new, output / LABELS_GROUP / name, trash)
+        _install(new, output / LABELS_GROUP / name)
     if (work.root / PROBABILITIES).exists():
-        _replace_dir(work.root / PROBABILITIES, output / PROBABILITIES, trash)
+        _install(work.root / PROBABILITIES, output / PROBABILITIES)
     elif not probabilities:
         shutil.rmtree(output / PROBABILITIES, ignore_errors=True)
     names = get_metadata(labels).get("labels", [])
@@ -196,15 +192,6 @@ def install(work: WorkGroup, output: Path, image_store: Path, probabilities: boo
     if listed != names:
         fmt = FormatV05()
         add_metadata(labels, {"version": fmt.version, "labels": listed}, fmt=fmt)
-
-
-def installed_run_key(output: Path) -> str | None:
-    """The run key recorded with the segmentation in `output`, if any."""
-    try:
-        label = zarr.open_group(output / LABELS_GROUP / SEGMENTATION, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        return None
-    return label.attrs.get("segflow", {}).get("run_key")
 
 
 def class_fractions(counts: np.ndarray) -> list[float]:

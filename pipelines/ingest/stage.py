@@ -1,0 +1,172 @@
+"""Stage 1 under the stage contract (`pipelines.stage`): a slide becomes a slide store.
+
+Per slide (`ingest_slide`):
+  1. identity: the streamed sha256 of the source files (and page), the settings that shape a
+     store, the store format; when the store at `<out_dir>/<name>.zarr` records the same, the
+     slide is "skipped";
+  2. the store is written into a hidden sibling `.<name>.zarr.tmp-<pid>-<random>`
+     (`pipelines.ingest.writer`), its identity recorded on the root last;
+  3. the finished store is renamed into place (`pipelines.storage.install`); a failed slide
+     leaves nothing behind.
+`ingest_archive` runs many slides, `parallel_slides` at a time, on one Dask cluster and reports
+per slide, so one bad slide never stops the others. Stores must live on a file system every
+worker can reach.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+import zarr
+from distributed import Client
+
+from pipelines.cluster import dask_client
+from pipelines.ingest.config import IngestConfig
+from pipelines.ingest.writer import write_store
+from pipelines.progress import RunProgress
+from pipelines.sources import (
+    IngestError,
+    SlideSource,
+    expand_pages,
+    file_checksums,
+    name_clashes,
+    source_checksum,
+)
+from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
+from pipelines.storage import (
+    install,
+    refuse_links,
+    remove_stale_siblings,
+    temporary_sibling,
+    writable_folder,
+)
+from segcore.store import STORE_FORMAT
+
+#: A slide store's identity is recorded on its root group.
+SLIDE_STORE = StageOutput("")
+
+
+class IngestResult(StageResult):
+    """What happened to one slide."""
+
+    source: SlideSource
+    shape: tuple[int, int, int] | None = None
+    checksum: str | None = None
+    mb_written: float = 0.0
+
+
+def store_identity(checksum: str, config: IngestConfig) -> Identity:
+    """What a store is made from: the source's content and the settings that shape it."""
+    return Identity(
+        stage="ingest",
+        format=STORE_FORMAT,
+        inputs={"checksum": checksum},
+        settings=config.settings(),
+    )
+
+
+def _size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def _named(message: str, source: SlideSource) -> str:
+    """`message` led by the file it is about (ReaderErrors name theirs already)."""
+    named = [str(p) for p in (source.image, source.labels) if p is not None]
+    return message if message.startswith(tuple(named)) else f"{source.image}: {message}"
+
+
+def ingest_slide(
+    source: SlideSource,
+    out_dir: str | Path,
+    config: IngestConfig | None = None,
+    client: Client | None = None,
+) -> IngestResult:
+    """Ingest one slide into `<out_dir>/<name>.zarr` ("skipped" when current); region work runs
+    on `client`, or on local threads without one. Bad input raises `IngestError`."""
+    config = config or IngestConfig()
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    final = out_dir / f"{source.name}.zarr"
+    writable_folder(out_dir)
+    remove_stale_siblings(final)
+    for path in (source.image, source.labels):
+        if path is not None and not path.exists():
+            raise IngestError(f"{path}: no such file")
+    files = file_checksums(source)
+    checksum = source_checksum(files, source)
+    identity = store_identity(checksum, config)
+    result = IngestResult(
+        source=source, store=final, status="skipped", checksum=checksum, identity=identity.key
+    )
+    if not config.overwrite and SLIDE_STORE.is_current(final, identity):
+        result.shape = tuple(zarr.open_group(final, mode="r").attrs["segflow"]["shape"])
+        result.seconds = time.perf_counter() - started
+        return result
+    refuse_links(final)
+    tmp = temporary_sibling(final)
+    try:
+        metadata = write_store(tmp, source, files, checksum, config, client)
+        record_identity(zarr.open_group(tmp, mode="r+"), identity, metadata)
+        result.mb_written = _size_mb(tmp)
+        install(tmp, final)
+    except IngestError:
+        raise
+    except ValueError as exc:  # ReaderError and friends
+        raise IngestError(_named(str(exc), source)) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.status = "written"
+    result.shape = tuple(metadata["shape"])
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _failed(source: SlideSource, out_dir: Path, error: str, seconds: float) -> IngestResult:
+    store = out_dir / f"{source.name}.zarr"
+    return IngestResult(source=source, store=store, status="failed", error=error, seconds=seconds)
+
+
+def ingest_archive(
+    sources: Iterable[SlideSource],
+    out_dir: str | Path,
+    config: IngestConfig | None = None,
+    client: Client | None = None,
+    progress: bool = False,
+) -> list[IngestResult]:
+    """Ingest many slides (stacks expanded into pages), `config.parallel_slides` at a time on
+    one Dask cluster (`client`, or one started from `config.cluster`); one result per slide,
+    a bad slide "failed" with its one-line error."""
+    config = config or IngestConfig()
+    out_dir = Path(out_dir)
+    expanded: list[SlideSource | IngestResult] = []
+    for source in sources:
+        try:
+            expanded.extend(expand_pages(source))
+        except IngestError as exc:
+            expanded.append(_failed(source, out_dir, str(exc), 0.0))
+    if not expanded:
+        raise IngestError("no slides given: name at least one slide")
+    slides = [i for i, item in enumerate(expanded) if isinstance(item, SlideSource)]
+    for position, error in name_clashes([expanded[i] for i in slides]).items():
+        expanded[slides[position]] = _failed(expanded[slides[position]], out_dir, error, 0.0)
+    todo = [item for item in expanded if isinstance(item, SlideSource)]
+    with nullcontext(client) if client is not None else dask_client(config.cluster) as cluster:
+
+        def one(source: SlideSource, bars: RunProgress) -> IngestResult:
+            return ingest_slide(source, out_dir, config, cluster)
+
+        ran = iter(
+            run_archive(
+                todo,
+                one,
+                lambda source, error, seconds: _failed(source, out_dir, error, seconds),
+                subject=lambda source: source.image,
+                parallel=config.parallel_slides,
+                progress=progress,
+            )
+        )
+    return [next(ran) if isinstance(item, SlideSource) else item for item in expanded]
