@@ -13,8 +13,8 @@ from train_stores import disk_store, tiny_config, write_store
 
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import (
+    BlockDataset,
     Region,
-    RegionDataset,
     TileDataset,
     TileSampler,
     TrainingDataError,
@@ -26,7 +26,7 @@ from segcore import ngff
 from segcore.geometry import UNetGeometry
 from segcore.model import UNet
 from segcore.store import STORE_FORMAT, SlideStore
-from segcore.tiling import plan_tiles
+from segcore.tiling import TilePlan, plan_tiles
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +136,23 @@ def test_regions_are_shared_round_robin_with_padding():
 def test_validation_region_reads_real_context(store):
     geometry = UNetGeometry(depth=3)
     region = Region(store, 30, 20, 40, 50)
-    item = RegionDataset([region], [1], geometry, tile_size=72)[0]
+    dataset = BlockDataset([region], [1], geometry, tile_size=72, block_size=24)
     plan = plan_tiles((40, 50), geometry, 72)
     m = plan.margin
     slide = SlideStore.open(store)
     image = np.asarray(slide.image(0)[...])
-    padded = item["padded"].numpy()
-    assert padded.shape[1:] == plan.padded_shape
-    # The rows and columns above/left of the region come from the slide, not from mirroring.
-    np.testing.assert_array_equal(padded[:, :m, :m], image[:, 30 - m : 30, 20 - m : 20])
-    np.testing.assert_array_equal(item["target"], np.asarray(slide.target[30:70, 20:70]))
+    target = np.asarray(slide.target[30:70, 20:70])
+    assert len(dataset) > 1
+    for item in (dataset[i] for i in range(len(dataset))):
+        (i, j), rows, cols = item["block"], item["row_edges"], item["col_edges"]
+        y, x = 30 + rows[i], 20 + cols[j]
+        padded = item["padded"].numpy()
+        assert padded.shape[1:] == TilePlan(**item["tiles"]).padded_shape
+        # Rows and columns above/left of every block come from the slide, not from mirroring.
+        np.testing.assert_array_equal(padded[:, :m, :m], image[:, y - m : y, x - m : x])
+        block_target = target[rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
+        np.testing.assert_array_equal(item["target"], block_target)
+    assert (rows[-1], cols[-1]) == (40, 50)
 
 
 def test_config_round_trips_through_yaml(tmp_path, store):

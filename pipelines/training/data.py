@@ -1,4 +1,4 @@
-"""Training tiles and validation regions from slide stores, for a LightningDataModule.
+"""Training tiles and validation blocks from slide stores, for a LightningDataModule.
 
 Where to sample and what to read are kept apart: `TileSampler` draws output-tile origins in
 the main process (weighted toward tissue, seeded by (seed, epoch, rank), so every DDP rank
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +27,12 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.training.config import TrainConfig
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
 from segcore.store import SlideStore, read_checked
-from segcore.tiling import TilePlan, plan_tiles, reflect_indices
+from segcore.tiling import reflect_indices
 
 #: The pixel type training reads; exported models take these raw values (0..255) as float,
 #: and inference refuses slides of any other type rather than feed them unscaled.
@@ -295,47 +296,72 @@ def resolve_regions(config: TrainConfig) -> list[Region]:
     return regions
 
 
-class RegionDataset(Dataset):
-    """One item per validation region: its mirror-padded image for `plan_tiles` and its target.
+class BlockDataset(Dataset):
+    """Validation regions cut into the inference planner's blocks, one item per block.
 
-    The padded image reads real slide context around the region and mirrors only at the slide's
-    own edges. `counts` is 0 for the copies that pad a rank's share to equal length under DDP.
+    Each item is what one block needs, whatever the region's size: the block's mirror-padded
+    input (real slide context around it, mirrored only at the slide's own edges), its tiles
+    (`TilePlan` fields; `predict_padded` of them is the whole-region prediction of the block's
+    px, as in inference) and its target, plus where it sits in the region's block grid, so
+    that `segcore.block_scores.SlideScores` adds blocks up to the whole region's scores. A
+    region with count 0 (the copies that pad a rank's share to equal length under DDP) is one
+    placeholder item that reads nothing.
     """
 
     def __init__(
-        self, regions: list[Region], counts: list[int], geometry: UNetGeometry, tile_size: int
+        self,
+        regions: list[Region],
+        counts: list[int],
+        geometry: UNetGeometry,
+        tile_size: int,
+        block_size: int | None = None,
     ) -> None:
         self.regions = regions
         self.counts = counts
-        self.geometry = geometry
         self.tile_size = tile_size
+        self.plans = [
+            plan_slide((r.height, r.width), geometry, tile_size, block_size) for r in regions
+        ]
+        self.items = [
+            (index, block)
+            for index, plan in enumerate(self.plans)
+            for block in (plan.blocks if counts[index] else plan.blocks[:1])
+        ]
 
     def __len__(self) -> int:
-        return len(self.regions)
+        return len(self.items)
 
-    def plan(self, region: Region) -> TilePlan:
-        return plan_tiles((region.height, region.width), self.geometry, self.tile_size)
-
-    def __getitem__(self, index: int) -> dict:
-        region = self.regions[index]
+    def __getitem__(self, item: int) -> dict:
+        index, block = self.items[item]
+        if not self.counts[index]:
+            return {"index": index, "count": 0}
+        region, plan = self.regions[index], self.plans[index]
         store = SlideStore(region.store)
         image = store.image(0)
         height, width = image.shape[1:]
-        plan = self.plan(region)
-        ph, pw = plan.padded_shape
-        m = plan.margin
-        rows = reflect_indices(region.y - m, region.y - m + ph, height)
-        cols = reflect_indices(region.x - m, region.x - m + pw, width)
-        ys, xs = slice(region.y, region.y + region.height), slice(region.x, region.x + region.width)
+        m = block.tiles.margin
+        ph, pw = block.tiles.padded_shape
+        y0, x0 = region.y + block.y0, region.x + block.x0
+        rows = reflect_indices(y0 - m, y0 - m + ph, height)
+        cols = reflect_indices(x0 - m, x0 - m + pw, width)
+        ys, xs = slice(y0, region.y + block.y1), slice(x0, region.x + block.x1)
         return {
             "index": index,
-            "count": self.counts[index],
-            # The plan itself is a frozen dataclass, which Lightning's batch transfer rejects;
-            # the module re-plans from the region's shape and this tile size.
-            "tile_size": self.tile_size,
+            "count": 1,
+            "row_edges": block_edges(plan, axis=0),
+            "col_edges": block_edges(plan, axis=1),
+            "block": block.index,
+            # Plain values: Lightning's batch transfer rejects frozen dataclasses like TilePlan.
+            "tiles": asdict(block.tiles),
             "padded": torch.from_numpy(read_mirrored(image, rows, cols)),
             "target": read_checked(store.target, (ys, xs)),
         }
+
+
+def block_edges(plan: SlidePlan, axis: int) -> tuple[int, ...]:
+    """Row (axis 0) or column (axis 1) edges of the plan's block grid, 0 to the slide's end."""
+    starts = {block.y0 if axis == 0 else block.x0 for block in plan.blocks}
+    return (*sorted(starts), plan.shape[axis])
 
 
 def shard_regions(
@@ -352,12 +378,31 @@ def shard_regions(
 
 
 def first_item(batch: list[dict]) -> dict:
-    """Collate for batch_size=1 region loaders: the item itself (plans are not tensors)."""
+    """Collate for batch_size=1 block loaders: the item itself (its grid and tiles are not
+    tensors)."""
     return batch[0]
 
 
+def validation_loader(
+    regions: list[Region],
+    rank: int,
+    world_size: int,
+    geometry: UNetGeometry,
+    tile_size: int,
+    block_size: int | None = None,
+) -> DataLoader:
+    """Rank `rank`'s share of the regions, one block per batch, in each region's raster order.
+
+    Blocks are inference's (`block_size` None = its default side, about 2048 px), so a batch
+    holds one block's input, logits and target whatever the size of the held-out slide.
+    """
+    mine, counts = shard_regions(regions, rank, world_size)
+    dataset = BlockDataset(mine, counts, geometry, tile_size, block_size)
+    return DataLoader(dataset, batch_size=1, collate_fn=first_item)
+
+
 class SlideTileDataModule(pl.LightningDataModule):
-    """Random training tiles from `config.stores`, whole-region validation from val stores."""
+    """Random training tiles from `config.stores`, validation block by block of held-out regions."""
 
     def __init__(self, config: TrainConfig, geometry: UNetGeometry, tile: TileShape) -> None:
         super().__init__()
@@ -408,7 +453,5 @@ class SlideTileDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        regions, counts = shard_regions(self.regions, rank, world)
         tile_size = self.config.val_tile_size or self.tile.input
-        dataset = RegionDataset(regions, counts, self.geometry, tile_size)
-        return DataLoader(dataset, batch_size=1, collate_fn=first_item)
+        return validation_loader(self.regions, rank, world, self.geometry, tile_size)

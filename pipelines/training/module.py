@@ -3,8 +3,10 @@
 Batches arrive as uint8 tiles (a quarter of the bytes of float32 to copy to the device); the
 module scales them to [0, 1], augments them on the device (segcore.augment, one field for
 image, target and weight), crops target and weight to the network's valid output, normalises
-the image and computes the loss. Validation predicts whole regions with the overlap-tile
-engine (segcore.tiling), so its scores are those inference will reach, not those of patches.
+the image and computes the loss. Validation predicts held-out regions block by block with
+inference's planner and overlap-tile engine (segcore.tiling), and adds the blocks up to each
+region's scores (segcore.block_scores): the scores inference will reach on the whole region,
+not those of patches, in memory set by the block size rather than by the region's.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from torch import Tensor
 
 from pipelines.training.normalization import RawInputUNet
 from segcore.augment import AugmentConfig, augment_batch
+from segcore.block_scores import SlideScores
 from segcore.losses import combined_loss, weighted_cross_entropy
-from segcore.metrics import segmentation_scores
 from segcore.model import UNet, center_crop
 from segcore.normalization import InputNormalizer, Normalization, fold_normalization
-from segcore.tiling import plan_tiles, predict_padded
+from segcore.tiling import TilePlan, predict_padded
 
 #: Validation metrics, in the order they are summed across ranks.
 VAL_METRICS = ("iou", "dice", "pixel_error", "rand_error")
@@ -35,6 +37,11 @@ def augment_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
+#: Longest side of the validation overlay; tracking.overlay_image caps it at the same 1024 px,
+#: so the thumbnail reaches it unchanged.
+OVERLAY_SIDE = 1024
+
+
 @dataclass
 class OverlaySample:
     """The first validation region's image, target and prediction, for the per-epoch PNG."""
@@ -42,6 +49,36 @@ class OverlaySample:
     image: np.ndarray
     target: np.ndarray
     prediction: np.ndarray
+
+
+class Thumbnail:
+    """Every `step`-th px of a region's image, target and prediction, filled block by block.
+
+    `step` is the smallest that fits the region in `side` px, so the result equals
+    `whole[..., ::step, ::step]` and its size does not depend on the region's.
+    """
+
+    def __init__(self, shape: tuple[int, int], channels: int, side: int) -> None:
+        self.step = max(1, -(-max(shape) // side))
+        h, w = (-(-n // self.step) for n in shape)
+        self.image = np.zeros((channels, h, w), np.uint8)
+        self.target = np.zeros((h, w), np.uint8)
+        self.prediction = np.zeros((h, w), np.uint8)
+
+    def add(
+        self, y0: int, x0: int, image: np.ndarray, target: np.ndarray, prediction: np.ndarray
+    ) -> None:
+        """A block whose top-left px is (y0, x0) of the region."""
+        s = self.step
+        r, c = -y0 % s, -x0 % s  # first block row/column on the thumbnail's grid
+        ys = slice((y0 + r) // s, (y0 + r) // s + len(range(r, target.shape[0], s)))
+        xs = slice((x0 + c) // s, (x0 + c) // s + len(range(c, target.shape[1], s)))
+        self.image[:, ys, xs] = image[:, r::s, c::s]
+        self.target[ys, xs] = target[r::s, c::s]
+        self.prediction[ys, xs] = prediction[r::s, c::s]
+
+    def sample(self) -> OverlaySample:
+        return OverlaySample(self.image, self.target, self.prediction)
 
 
 class UNetModule(pl.LightningModule):
@@ -70,6 +107,9 @@ class UNetModule(pl.LightningModule):
         self._generator: torch.Generator | None = None
         self._val_sums = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
         self._val_counts = torch.zeros(len(VAL_METRICS), dtype=torch.float64)
+        # Regions whose blocks are still coming, by index; the first region's thumbnail.
+        self._regions: dict[int, SlideScores] = {}
+        self._thumbnail: Thumbnail | None = None
         self.overlay: OverlaySample | None = None
 
     def forward(self, image01: Tensor) -> Tensor:
@@ -110,32 +150,52 @@ class UNetModule(pl.LightningModule):
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    # --- validation on whole regions ----------------------------------------------------
+    # --- validation, block by block ------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums.zero_()
         self._val_counts.zero_()
+        self._regions = {}
+        self._thumbnail = None
         self.overlay = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Predict one block, add it to its region's sums; score the region once complete."""
+        if not batch["count"]:
+            return  # a copy that only pads this rank's share under DDP
+        tiles = TilePlan(**batch["tiles"])
+        prediction = self._predict_block(batch["padded"], tiles)
+        index, (i, j), target = batch["index"], batch["block"], batch["target"]
+        rows, cols = batch["row_edges"], batch["col_edges"]
+        if index not in self._regions:
+            self._regions[index] = SlideScores(rows, cols)
+        scores = self._regions[index]
+        scores.add(i, j, target, prediction)
+        if index == 0 and self.global_rank == 0:
+            if self._thumbnail is None:
+                shape, channels = (rows[-1], cols[-1]), batch["padded"].shape[0]
+                self._thumbnail = Thumbnail(shape, channels, OVERLAY_SIDE)
+            m, (h, w) = tiles.margin, target.shape
+            image = batch["padded"][:, m : m + h, m : m + w].cpu().numpy()
+            self._thumbnail.add(rows[i], cols[j], image, target, prediction)
+        if scores.complete:
+            del self._regions[index]
+            if index == 0 and self._thumbnail is not None:
+                self.overlay = self._thumbnail.sample()
+            result = scores.result()
+            for k, name in enumerate(VAL_METRICS):
+                if math.isfinite(result[name]):
+                    self._val_sums[k] += result[name]
+                    self._val_counts[k] += 1
+
+    def _predict_block(self, padded: Tensor, tiles: TilePlan) -> np.ndarray:
+        """The block's class map (uint8) from its padded raw input."""
         precision = "bfloat16" if str(self.trainer.precision).startswith("bf16") else "float32"
-        target = batch["target"]
-        plan = plan_tiles(target.shape, self.model.geometry, batch["tile_size"])
         net = RawInputUNet(self.model, self.normalizer)
         logits = predict_padded(
-            net, batch["padded"], plan, self.hparams.val_batch_size, self.device, precision
+            net, padded, tiles, self.hparams.val_batch_size, self.device, precision
         )
-        prediction = logits.argmax(0).cpu().numpy().astype(np.uint8)
-        if batch["count"]:
-            scores = segmentation_scores(target, prediction)
-            for i, name in enumerate(VAL_METRICS):
-                if math.isfinite(scores[name]):
-                    self._val_sums[i] += scores[name]
-                    self._val_counts[i] += 1
-        if batch["index"] == 0 and self.global_rank == 0:
-            m, (h, w) = plan.margin, target.shape
-            image = batch["padded"][:, m : m + h, m : m + w].cpu().numpy()
-            self.overlay = OverlaySample(image, target, prediction)
+        return logits.argmax(0).cpu().numpy().astype(np.uint8)
 
     def on_validation_epoch_end(self) -> None:
         totals = torch.cat([self._val_sums, self._val_counts]).to(self.device)
