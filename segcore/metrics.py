@@ -1,4 +1,5 @@
-"""Segmentation metrics on numpy label maps: IoU, Dice, pixel error, ISBI Rand error, objects.
+"""Segmentation metrics on numpy label maps: IoU, Dice, pixel error, ISBI Rand error, and the
+instance metrics object F1, panoptic quality and aggregated Jaccard index (AJI).
 
 Conventions: class maps hold integers 0..K-1 (0 = background); instance maps hold 0 for
 background and one positive id per object. A ratio that is undefined (0/0, e.g. the IoU of a
@@ -166,6 +167,73 @@ def rand_error_best(
 
 
 @dataclass(frozen=True)
+class _Overlaps:
+    """Every overlapping (true object, predicted object) pair and the objects' sizes.
+
+    `rows`/`cols` are the pair's true and predicted ids, `inter`/`union` its pixel counts;
+    `true_ids`/`pred_ids` are sorted with `true_sizes`/`pred_sizes` their areas.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    inter: np.ndarray
+    union: np.ndarray
+    true_ids: np.ndarray
+    true_sizes: np.ndarray
+    pred_ids: np.ndarray
+    pred_sizes: np.ndarray
+
+    @property
+    def iou(self) -> np.ndarray:
+        return self.inter / self.union
+
+
+def _object_sizes(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted positive ids of one side of a contingency table and their pixel counts."""
+    unique, inverse = np.unique(ids, return_inverse=True)
+    sizes = np.bincount(inverse, weights=counts).astype(np.int64)
+    return unique[unique > 0], sizes[unique > 0]
+
+
+def _overlaps(true_instances: np.ndarray, pred_instances: np.ndarray) -> _Overlaps:
+    """The sparse overlap table of two instance maps (one sort of the pixels, no object loop)."""
+    true_instances, pred_instances = _check_pair(true_instances, pred_instances)
+    if true_instances.min(initial=0) < 0 or pred_instances.min(initial=0) < 0:
+        raise MetricInputError("instance ids must be >= 0")
+    rows, cols, inter = _contingency(
+        true_instances.astype(np.int64), pred_instances.astype(np.int64)
+    )
+    true_ids, true_sizes = _object_sizes(rows, inter)
+    pred_ids, pred_sizes = _object_sizes(cols, inter)
+    both = (rows > 0) & (cols > 0)
+    rows, cols, inter = rows[both], cols[both], inter[both]
+    union = (
+        true_sizes[np.searchsorted(true_ids, rows)]
+        + pred_sizes[np.searchsorted(pred_ids, cols)]
+        - inter
+    )
+    return _Overlaps(rows, cols, inter, union, true_ids, true_sizes, pred_ids, pred_sizes)
+
+
+def _matched_ious(table: _Overlaps, iou_threshold: float, strict: bool) -> np.ndarray:
+    """IoUs of a one-to-one matching of pairs with IoU >= (or >, if strict) iou_threshold.
+
+    With a threshold of at least 0.5 an object overlaps any partner by at least half of
+    itself, so it can have two partners only in the tie where both are exactly half of it
+    (IoU = 0.5 each, both lying inside it, so neither has another partner). Taking pairs by
+    falling IoU and keeping the first per object is then a maximum matching.
+    """
+    pair_iou = table.iou
+    keep = pair_iou > iou_threshold if strict else pair_iou >= iou_threshold
+    rows, cols, pair_iou = table.rows[keep], table.cols[keep], pair_iou[keep]
+    order = np.argsort(-pair_iou, kind="stable")
+    rows, cols, pair_iou = rows[order], cols[order], pair_iou[order]
+    first_row = np.unique(rows, return_index=True)[1]
+    cols, pair_iou = cols[first_row], pair_iou[first_row]
+    return pair_iou[np.unique(cols, return_index=True)[1]]
+
+
+@dataclass(frozen=True)
 class ObjectScores:
     """Object-level detection scores at one IoU threshold."""
 
@@ -178,45 +246,24 @@ class ObjectScores:
     mean_matched_iou: float
 
 
+def _check_threshold(iou_threshold: float) -> None:
+    if not 0.5 <= iou_threshold <= 1.0:
+        raise MetricInputError(f"iou_threshold must be in [0.5, 1], got {iou_threshold}")
+
+
 def object_scores(
     true_instances: np.ndarray, pred_instances: np.ndarray, iou_threshold: float = 0.5
 ) -> ObjectScores:
     """Match instances one-to-one by IoU >= iou_threshold and count TP, FP and FN.
 
-    No Hungarian assignment is needed: with IoU >= 0.5 an object overlaps any partner by at
-    least half of itself, so it can have two partners only in the tie where both are exactly
-    half of it (IoU = 0.5 each, both lying inside it, so neither has another partner). Taking
-    pairs by falling IoU and keeping the first per object is then an optimal matching. Below
-    0.5 matches are not unique and this function refuses.
+    No Hungarian assignment is needed at thresholds of 0.5 and above (see `_matched_ious`);
+    below 0.5 matches are not unique and this function refuses.
     """
-    if not 0.5 <= iou_threshold <= 1.0:
-        raise MetricInputError(f"iou_threshold must be in [0.5, 1], got {iou_threshold}")
-    true_instances, pred_instances = _check_pair(true_instances, pred_instances)
-    if true_instances.min(initial=0) < 0 or pred_instances.min(initial=0) < 0:
-        raise MetricInputError("instance ids must be >= 0")
-    rows, cols, inter = _contingency(
-        true_instances.astype(np.int64), pred_instances.astype(np.int64)
-    )
-    true_ids, true_sizes = np.unique(true_instances[true_instances > 0], return_counts=True)
-    pred_ids, pred_sizes = np.unique(pred_instances[pred_instances > 0], return_counts=True)
-    both = (rows > 0) & (cols > 0)
-    rows, cols, inter = rows[both], cols[both], inter[both]
-    union = (
-        true_sizes[np.searchsorted(true_ids, rows)]
-        + pred_sizes[np.searchsorted(pred_ids, cols)]
-        - inter
-    )
-    pair_iou = inter / union
-    keep = pair_iou >= iou_threshold
-    rows, cols, pair_iou = rows[keep], cols[keep], pair_iou[keep]
-    order = np.argsort(-pair_iou, kind="stable")
-    rows, cols, pair_iou = rows[order], cols[order], pair_iou[order]
-    first_row = np.unique(rows, return_index=True)[1]
-    rows, cols, pair_iou = rows[first_row], cols[first_row], pair_iou[first_row]
-    first_col = np.unique(cols, return_index=True)[1]
-    matched_iou = pair_iou[first_col]
+    _check_threshold(iou_threshold)
+    table = _overlaps(true_instances, pred_instances)
+    matched_iou = _matched_ious(table, iou_threshold, strict=False)
     tp = int(matched_iou.size)
-    fp, fn = int(pred_ids.size - tp), int(true_ids.size - tp)
+    fp, fn = int(table.pred_ids.size - tp), int(table.true_ids.size - tp)
     return ObjectScores(
         tp=tp,
         fp=fp,
@@ -226,6 +273,59 @@ def object_scores(
         f1=float(_ratio(2 * tp, 2 * tp + fp + fn)),
         mean_matched_iou=float(matched_iou.mean()) if tp else float("nan"),
     )
+
+
+def panoptic_quality(
+    true_instances: np.ndarray, pred_instances: np.ndarray, iou_threshold: float = 0.5
+) -> tuple[float, float, float]:
+    """(PQ, SQ, DQ) of one class of instances (Kirillov et al. 2019), matches at IoU > threshold.
+
+    DQ = TP / (TP + FP/2 + FN/2) (the object F1), SQ = mean IoU of the matched pairs and
+    PQ = SQ * DQ = sum of matched IoUs / (TP + FP/2 + FN/2). The match is strict (IoU > 0.5),
+    as in the paper and in MONAI/HoVer-Net; `object_scores` counts IoU = 0.5 as a match.
+    Worked example: a 2 x 2 true square and the same square shifted by one column share 2 px
+    of a 6 px union, IoU 1/3 < 0.5: no match, TP 0, FP 1, FN 1, so PQ = DQ = 0 and SQ (a mean
+    over no matches) is NaN. No object on either side: all three are NaN.
+    """
+    _check_threshold(iou_threshold)
+    table = _overlaps(true_instances, pred_instances)
+    matched_iou = _matched_ious(table, iou_threshold, strict=True)
+    tp = matched_iou.size
+    fp, fn = table.pred_ids.size - tp, table.true_ids.size - tp
+    den = tp + 0.5 * fp + 0.5 * fn
+    dq = float(_ratio(tp, den))
+    sq = float(matched_iou.mean()) if tp else float("nan")
+    return float(_ratio(matched_iou.sum(), den)), sq, dq
+
+
+def aggregated_jaccard_index(true_instances: np.ndarray, pred_instances: np.ndarray) -> float:
+    """Aggregated Jaccard Index (Kumar et al. 2017), the MoNuSeg challenge's instance metric.
+
+    Each true object G is paired with the predicted object S of largest IoU with it (ties: the
+    larger overlap, then the lower id); AJI = sum |G ∩ S| / (sum |G ∪ S| + areas of the
+    predicted objects no true object picked). A true object that overlaps no prediction adds
+    its area to the union only. One prediction may be picked by several true objects (a merge)
+    and then counts in each of their unions, so merging touching nuclei is penalised twice:
+    it loses the intersection of the second nucleus and pays its own area again.
+
+    Worked example: true = two 2 x 2 squares side by side (ids 1, 2), pred = one 2 x 4 box
+    over both. Both pick the box: I = 4 + 4, U = 8 + 8, AJI = 0.5. Predicting the two
+    squares exactly gives 1.0.
+
+    Edge cases: no true and no predicted object is 0/0, NaN like every undefined ratio here
+    (so `np.nanmean` over tiles skips it); predictions without any true object score 0.0,
+    as does a tile whose true objects are all missed.
+    """
+    table = _overlaps(true_instances, pred_instances)
+    # Per true object, the pair with the largest IoU: sort by row, then IoU, overlap and id.
+    order = np.lexsort((table.cols, -table.inter, -table.iou, table.rows))
+    first = order[np.unique(table.rows[order], return_index=True)[1]]
+    inter = int(table.inter[first].sum())
+    union = int(table.union[first].sum())
+    paired_true = np.isin(table.true_ids, table.rows[first])
+    picked_pred = np.isin(table.pred_ids, table.cols[first])
+    union += int(table.true_sizes[~paired_true].sum()) + int(table.pred_sizes[~picked_pred].sum())
+    return float(_ratio(inter, union))
 
 
 def segmentation_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:

@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,11 @@ from skimage.metrics import adapted_rand_error
 
 from segcore.metrics import (
     MetricInputError,
+    aggregated_jaccard_index,
     dice,
     iou,
     object_scores,
+    panoptic_quality,
     pixel_error,
     rand_error,
     rand_error_best,
@@ -228,3 +231,170 @@ def test_segmentation_scores_on_a_batch_pool_pixels_and_average_rand():
     assert scores["rand_error"] == pytest.approx(
         np.mean([rand_error(t, p) for t, p in zip(cells, pred, strict=True)])
     )
+
+
+def _boxes(shape: tuple[int, int], *boxes: tuple[int, int, int, int, int]) -> np.ndarray:
+    """An instance map with box `id` at rows y0:y1, columns x0:x1 for each (id, y0, y1, x0, x1)."""
+    out = np.zeros(shape, np.int64)
+    for i, y0, y1, x0, x1 in boxes:
+        out[y0:y1, x0:x1] = i
+    return out
+
+
+def _relabel(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same objects under other ids: a random injective map of the positive ids."""
+    ids = np.unique(labels[labels > 0])
+    new = rng.choice(10**9, size=ids.size, replace=False) + 1
+    lookup = dict(zip(ids.tolist(), new.tolist(), strict=True))
+    return np.vectorize(lambda v: lookup.get(v, 0), otypes=[np.int64])(labels)
+
+
+def _reference_aji(true: np.ndarray, pred: np.ndarray) -> float:
+    """AJI object by object on boolean masks (Kumar et al. 2017; ties: larger overlap, lower id)."""
+    inter_sum = union_sum = 0
+    picked = set()
+    for t in np.unique(true[true > 0]):
+        tm = true == t
+        best = None  # (iou, overlap, -id), union, id
+        for p in np.unique(pred[tm & (pred > 0)]):
+            pm = pred == p
+            i, u = int(np.sum(tm & pm)), int(np.sum(tm | pm))
+            key = (i / u, i, -p)
+            if best is None or key > best[0]:
+                best = (key, u, p)
+        if best is None:
+            union_sum += int(tm.sum())
+        else:
+            inter_sum += best[0][1]
+            union_sum += best[1]
+            picked.add(best[2])
+    for p in np.unique(pred[pred > 0]):
+        if p not in picked:
+            union_sum += int(np.sum(pred == p))
+    return inter_sum / union_sum
+
+
+def _perturbed(true: np.ndarray, seed: int) -> np.ndarray:
+    """A prediction with every kind of error: shifted, dropped, merged and spurious objects."""
+    rng = np.random.default_rng(seed)
+    pred = np.roll(true, (1, 0), axis=(0, 1))
+    ids = np.unique(true[true > 0])
+    pred[np.isin(pred, rng.choice(ids, ids.size // 8, replace=False))] = 0
+    merged = rng.choice(ids, ids.size // 8, replace=False)
+    pred[np.isin(pred, merged)] = merged[0]
+    spurious = ndimage.label(ndimage.gaussian_filter(rng.random(true.shape), 2) > 0.62)[0]
+    pred[(pred == 0) & (spurious > 0)] = spurious[(pred == 0) & (spurious > 0)] + true.max()
+    return pred
+
+
+def _blobs(shape: tuple[int, int], seed: int, sigma: float = 2.0) -> np.ndarray:
+    """Random 4-connected blobs as an instance map."""
+    rng = np.random.default_rng(seed)
+    return ndimage.label(ndimage.gaussian_filter(rng.random(shape), sigma) > 0.52)[0]
+
+
+def test_shifted_squares_by_hand():
+    # 2 x 2 squares, the prediction one column to the right: overlap 2 px, union 6 px, IoU 1/3.
+    true = _boxes((3, 4), (1, 0, 2, 0, 2))
+    pred = _boxes((3, 4), (5, 0, 2, 1, 3))
+    assert aggregated_jaccard_index(true, pred) == pytest.approx(2 / 6)
+    pq, sq, dq = panoptic_quality(true, pred)
+    assert (pq, dq) == (0.0, 0.0) and np.isnan(sq)  # no match: TP 0, FP 1, FN 1
+    assert object_scores(true, pred).tp == 0
+    # 3 x 3 squares, one row down: overlap 6, union 12, IoU exactly 0.5. object_scores counts
+    # IoU >= 0.5 as a match, panoptic quality only IoU > 0.5 (Kirillov et al.).
+    true = _boxes((4, 3), (1, 0, 3, 0, 3))
+    pred = _boxes((4, 3), (2, 1, 4, 0, 3))
+    assert aggregated_jaccard_index(true, pred) == pytest.approx(0.5)
+    assert object_scores(true, pred).tp == 1
+    assert panoptic_quality(true, pred)[0] == 0.0
+    # Shifted by one row in a 4 x 3 box instead: overlap 9, union 15, IoU 0.6, a match for both.
+    true = _boxes((5, 3), (1, 0, 4, 0, 3))
+    pred = _boxes((5, 3), (2, 1, 5, 0, 3))
+    assert panoptic_quality(true, pred) == pytest.approx((0.6, 0.6, 1.0))
+
+
+def test_aji_merging_touching_nuclei_scores_lower_than_splitting_them():
+    true = _boxes((2, 4), (1, 0, 2, 0, 2), (2, 0, 2, 2, 4))  # two touching 2 x 2 nuclei
+    merged = _boxes((2, 4), (9, 0, 2, 0, 4))
+    # Both nuclei pick the 8 px box: I = 4 + 4, U = 8 + 8.
+    assert aggregated_jaccard_index(true, merged) == pytest.approx(0.5)
+    # Split one column too far right: nucleus 1 picks the 6 px part (I 4, U 6, IoU 2/3);
+    # nucleus 2 overlaps it by 2 (IoU 2/8) and the 2 px part by 2 (IoU 2/4) and picks the latter.
+    misplaced = _boxes((2, 4), (3, 0, 2, 0, 3), (4, 0, 2, 3, 4))
+    assert aggregated_jaccard_index(true, misplaced) == pytest.approx((4 + 2) / (6 + 4))
+    assert aggregated_jaccard_index(true, true) == 1.0
+    # Panoptic quality: the merge matches neither nucleus (IoU 1/2, not > 1/2).
+    assert panoptic_quality(true, merged)[0] == 0.0
+    assert panoptic_quality(true, true) == (1.0, 1.0, 1.0)
+
+
+def test_unpaired_objects_by_hand():
+    true = _boxes((4, 6), (1, 0, 2, 0, 2), (2, 2, 4, 0, 2))  # two 4 px nuclei
+    pred = _boxes((4, 6), (1, 0, 2, 0, 2), (7, 0, 1, 3, 6))  # the first exactly, a 3 px extra
+    # The second nucleus is missed (its 4 px join the union), the extra 3 px too: 4 / 11.
+    assert aggregated_jaccard_index(true, pred) == pytest.approx(4 / (4 + 4 + 3))
+    # TP 1 (IoU 1), FP 1, FN 1: DQ = 1 / (1 + 1/2 + 1/2), SQ 1.
+    assert panoptic_quality(true, pred) == pytest.approx((0.5, 1.0, 0.5))
+
+
+def test_instance_metrics_of_empty_maps():
+    empty = np.zeros((5, 5), np.int64)
+    some = _boxes((5, 5), (3, 1, 3, 1, 3))
+    assert np.isnan(aggregated_jaccard_index(empty, empty))
+    assert all(np.isnan(panoptic_quality(empty, empty)))
+    assert aggregated_jaccard_index(empty, some) == 0.0  # predictions, no truth
+    assert aggregated_jaccard_index(some, empty) == 0.0  # truth, no predictions
+    for true, pred in ((empty, some), (some, empty)):
+        pq, sq, dq = panoptic_quality(true, pred)
+        assert (pq, dq) == (0.0, 0.0) and np.isnan(sq)
+    with pytest.raises(MetricInputError, match=">= 0"):
+        aggregated_jaccard_index(-some, some)
+
+
+def test_aji_matches_an_object_by_object_reference():
+    for true, seed in ((_dsb_instances(), 0), (_blobs((96, 128), 3), 1)):
+        pred = _perturbed(true, seed)
+        expected = _reference_aji(true, pred)
+        assert 0.2 < expected < 0.9
+        assert aggregated_jaccard_index(true, pred) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.slow  # importing MONAI alone takes 10 s or more
+def test_panoptic_quality_matches_monai():
+    monai_pq = pytest.importorskip("monai.metrics").compute_panoptic_quality
+    torch = pytest.importorskip("torch")
+    for seed in range(3):
+        true = _blobs((64, 80), seed)
+        pred = _perturbed(true, seed)
+        tp, fp, fn, iou_sum = (
+            monai_pq(torch.from_numpy(pred), torch.from_numpy(true), output_confusion_matrix=True)
+            .double()
+            .tolist()
+        )
+        assert tp > 0 and fp > 0 and fn > 0
+        pq, sq, dq = panoptic_quality(true, pred)
+        assert dq == pytest.approx(tp / (tp + fp / 2 + fn / 2), abs=1e-12)
+        assert sq == pytest.approx(iou_sum / tp, rel=1e-6)  # MONAI sums float32 IoUs
+        assert pq == pytest.approx(iou_sum / (tp + fp / 2 + fn / 2), rel=1e-6)
+
+
+def test_instance_metrics_ignore_which_ids_the_objects_carry():
+    rng = np.random.default_rng(7)
+    true = _dsb_instances()
+    pred = _perturbed(true, 2)
+    true2, pred2 = _relabel(true, rng), _relabel(pred, rng)
+    assert aggregated_jaccard_index(true2, pred2) == aggregated_jaccard_index(true, pred)
+    assert panoptic_quality(true2, pred2) == panoptic_quality(true, pred)
+    assert object_scores(true2, pred2) == object_scores(true, pred)
+
+
+def test_instance_metrics_are_fast_on_a_monuseg_sized_tile():
+    # 1000 x 1000 px with over 1000 objects on each side: one sort of the pixels, no object loop.
+    true = _blobs((1000, 1000), 0, sigma=3.5)
+    pred = _perturbed(true, 0)
+    assert true.max() > 1000 and len(np.unique(pred)) > 1000
+    for metric in (aggregated_jaccard_index, panoptic_quality, object_scores):
+        start = time.perf_counter()
+        metric(true, pred)
+        assert time.perf_counter() - start < 1.0, metric.__name__
