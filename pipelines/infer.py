@@ -58,6 +58,7 @@ from pipelines.sources import find_stores
 from pipelines.stage import Identity, StageOutput, StageResult, error_line, run_archive
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
+from segcore.orientation import OrientationSet, orientations
 from segcore.store import LABELS_GROUP, SEGMENTATION, SlideStore
 
 #: Bumped when the bytes a run writes change for the same model and settings.
@@ -93,6 +94,9 @@ class InferConfig(BaseModel):
     probabilities: Literal["uint8", "float16"] | None = None
     output_dir: Path | None = None
     skip_background: bool = True
+    #: Test-time averaging of the softmax over oriented passes (each an exact overlap-tile
+    #: pass): "flips" (4 passes), "dihedral" (8: flips and 90-degree rotations).
+    test_time_augmentation: OrientationSet = "none"
     connectivity: Literal[1, 2] = 1
     max_in_flight: int | None = Field(default=None, ge=1)
     cluster: ClusterConfig = Field(default_factory=_default_cluster)
@@ -232,6 +236,7 @@ def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
         "compile": config.compile,
         "probabilities": config.probabilities,
         "skip_background": config.skip_background,
+        "test_time_augmentation": config.test_time_augmentation,
         "connectivity": config.connectivity,
     }
 
@@ -300,7 +305,13 @@ def _segment(
             f"the slide has {channels}"
         )
     geometry = UNetGeometry(model.config["depth"], model.config["padding"])
-    plan = plan_slide((height, width), geometry, session.tile_size, config.block_size)
+    plan = plan_slide(
+        (height, width),
+        geometry,
+        session.tile_size,
+        config.block_size,
+        orientations(config.test_time_augmentation),
+    )
     identity = Identity(
         stage="infer",
         format=OUTPUT_FORMAT,

@@ -29,6 +29,7 @@ from pipelines.inference.journal import JOURNAL_DIR
 from segcore import ngff
 from segcore.checkpoint import save_unet
 from segcore.model import UNet
+from segcore.orientation import orientations
 from segcore.store import STORE_FORMAT, SlideStore
 from segcore.tiling import predict_tiled
 
@@ -337,3 +338,50 @@ def test_caller_process_state_is_unchanged(tmp_path, model_file):
     (result,) = infer_archive(tmp_path, model_file, config(cluster=in_process))
     assert result.status == "written", result.error
     assert (torch.get_num_threads(), torch.backends.cudnn.benchmark, dict(os.environ)) == before
+
+
+def reference_averaged(model: UNet, image: np.ndarray, which: str) -> np.ndarray:
+    """Test-time averaging over the whole image: per orientation one whole-image overlap-tile
+    pass of the oriented image, softmax, oriented back; the mean over orientations."""
+    pixels = torch.from_numpy(image.astype(np.float32))
+    total = 0
+    for orientation in orientations(which):
+        oriented = orientation.apply(pixels).contiguous()
+        logits = predict_tiled(model, oriented, tile_size=TILE, batch_size=BATCH)
+        total = total + orientation.invert(torch.softmax(logits, dim=0))
+    return (total / len(orientations(which))).numpy()
+
+
+@pytest.mark.parametrize("which", ["flips", "dihedral"])
+def test_test_time_averaging_equals_the_whole_image_average(
+    tmp_path, model, model_file, client, which
+):
+    # Odd sizes, several blocks per axis, and a tall slide so transposed plans differ.
+    image = smooth_image((331, 205), seed=11)
+    store = make_store(tmp_path / "s.zarr", image)
+    tta = config(test_time_augmentation=which, block_size=104, probabilities="float16")
+    result = infer_slide(store, model_file, tta, client)
+    assert result.blocks["total"] > 6
+    expected = reference_averaged(model, image, which)
+    probabilities = zarr.open_array(store / "probabilities" / "0", mode="r")[...]
+    np.testing.assert_allclose(probabilities.astype(np.float32), expected, atol=2e-3)
+    classes = SlideStore.open(store).group["labels/segmentation/0"][...]
+    decided = np.abs(expected[1] - expected[0]) > 1e-4  # not a tie within float rounding
+    np.testing.assert_array_equal(classes[decided], expected.argmax(0)[decided])
+    # Averaging changes the output: it is part of the identity, and it does differ.
+    plain = reference_classes(model, image)
+    assert (plain != expected.argmax(0)).mean() > 0.001
+    assert SEGMENTATION_OUTPUT.recorded(store).settings["test_time_augmentation"] == which
+
+
+def test_orientations_round_trip_and_map_regions():
+    image = torch.arange(2 * 5 * 7).reshape(2, 5, 7)
+    region = ((1, 4), (2, 6))
+    assert len(orientations("dihedral")) == len(set(orientations("dihedral"))) == 8
+    for orientation in orientations("dihedral"):
+        oriented = orientation.apply(image)
+        assert torch.equal(orientation.invert(oriented), image)
+        assert tuple(oriented.shape[-2:]) == orientation.shape((5, 7))
+        (a0, a1), (c0, c1) = orientation.region(region, (5, 7))
+        crop = image[:, region[0][0] : region[0][1], region[1][0] : region[1][1]]
+        assert torch.equal(oriented[:, a0:a1, c0:c1], orientation.apply(crop))

@@ -14,11 +14,11 @@ import zarr
 from distributed import get_worker
 
 from pipelines.inference.model import ModelPlugin
-from pipelines.inference.plan import Block
+from pipelines.inference.plan import Block, OrientedView
 from pipelines.storage import write_file
 from segcore.ngff import writable
 from segcore.store import StoreError, read_checked
-from segcore.tiling import predict_padded
+from segcore.tiling import TilePlan, predict_padded
 
 ProbabilityFormat = Literal["uint8", "float16"]
 
@@ -64,8 +64,49 @@ def read_input(job: BlockJob) -> np.ndarray:
     return window[:, rows - r0][:, :, cols - c0]
 
 
-def _probabilities(logits: torch.Tensor, fmt: ProbabilityFormat) -> np.ndarray:
-    p = torch.softmax(logits, dim=0)
+def read_view(job: BlockJob, view: OrientedView) -> np.ndarray:
+    """One orientation's padded C x PH x PW input of the block (oriented, mirrored at the
+    slide's borders): one contiguous read of the source window, gathered."""
+    rows, cols = view.source_indices(job.slide_shape)
+    image = zarr.open_array(job.image, mode="r")
+    r0, c0 = int(rows.min()), int(cols.min())
+    window = read_checked(
+        image, (slice(None), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
+    )
+    gathered = window[:, rows - r0][:, :, cols - c0]
+    return gathered.transpose(0, 2, 1) if view.orientation.transpose else gathered
+
+
+def _predict(job: BlockJob, runner: ModelPlugin) -> tuple[torch.Tensor, bool]:
+    """The block's K x H x W scores: logits of the plain pass, or (`True`) the probabilities
+    averaged over the orientations of its views, each view an exact overlap-tile pass."""
+
+    def run(pixels: np.ndarray, tiles: TilePlan) -> torch.Tensor:
+        # Raw uint8 pixels: exported models fold their training normalisation into the first
+        # convolution (pipelines.models), and predict_padded casts each batch to float32, so
+        # the block is never held as float.
+        with runner.lock:
+            return predict_padded(
+                runner.model,
+                torch.from_numpy(np.ascontiguousarray(pixels)).to(runner.device, non_blocking=True),
+                tiles,
+                batch_size=job.batch_size,
+                device=runner.device,
+                precision=job.precision,
+            )
+
+    if not job.block.views:
+        return run(read_input(job), job.block.tiles), False
+    total = None
+    for view in job.block.views:
+        probabilities = torch.softmax(run(read_view(job, view), view.tiles)[:, *view.crop], dim=0)
+        probabilities = view.orientation.invert(probabilities)
+        total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(job.block.views)), True
+
+
+def _probabilities(scores: torch.Tensor, fmt: ProbabilityFormat, averaged: bool) -> np.ndarray:
+    p = scores if averaged else torch.softmax(scores, dim=0)
     if fmt == "uint8":
         return p.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
     return p.to(torch.float16).cpu().numpy()
@@ -103,25 +144,15 @@ def _run_block(job: BlockJob) -> dict:
             probs[(slice(None), *job.block.region)] = 0
         outcome = {"status": "background", "class_counts": [area] + [0] * (n_classes - 1)}
     else:
-        # Raw uint8 pixels: exported models fold their training normalisation into the first
-        # convolution (pipelines.models), and predict_padded casts each batch to float32, so
-        # the block is never held as float.
-        pixels = torch.from_numpy(read_input(job))
-        with runner.lock:
-            logits = predict_padded(
-                runner.model,
-                pixels.to(runner.device, non_blocking=True),
-                job.block.tiles,
-                batch_size=job.batch_size,
-                device=runner.device,
-                precision=job.precision,
-            )
+        scores, averaged = _predict(job, runner)
         # max(0).indices: the same first-maximum rule as argmax(0), which is 8x slower on CPU.
-        classes = logits.max(0).indices.to(torch.uint8).cpu().numpy()
+        classes = scores.max(0).indices.to(torch.uint8).cpu().numpy()
         writable(zarr.open_array(job.segmentation, mode="r+"))[job.block.region] = classes
         if job.probabilities is not None:
             probs = writable(zarr.open_array(job.probabilities, mode="r+"))
-            probs[(slice(None), *job.block.region)] = _probabilities(logits, job.probability_format)
+            probs[(slice(None), *job.block.region)] = _probabilities(
+                scores, job.probability_format, averaged
+            )
         counts = np.bincount(classes.ravel(), minlength=n_classes)
         outcome = {"status": "computed", "class_counts": counts.tolist()}
     outcome["seconds"] = time.perf_counter() - start

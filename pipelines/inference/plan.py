@@ -23,11 +23,12 @@ about 2048 px:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from segcore.geometry import UNetGeometry
+from segcore.orientation import IDENTITY, Orientation
 from segcore.tiling import TilePlan, plan_tiles, reflect_indices
 
 #: Block side aimed at when none is given: big enough to amortise reads, small enough to keep a
@@ -36,8 +37,43 @@ DEFAULT_BLOCK_TARGET = 2048
 
 
 @dataclass(frozen=True)
+class OrientedView:
+    """A block's pixels as one orientation's whole-slide pass computes them: the tiles of the
+    oriented slide's plan that own the block's oriented region, and where that region lies in
+    their output. For the identity orientation this is the block's own plan and crop nothing.
+
+    Worked example, a 1000-column slide flipped along x, 384 px tile stride (origins 0, 384,
+    768), a block owning columns 0..384: in the flipped slide these are columns 616..1000,
+    owned by the tiles at 384 (616..767) and 768 (768..999); the view runs those two tiles over
+    flipped columns 384..1000 and keeps 232..616 of their output.
+    """
+
+    orientation: Orientation
+    tiles: TilePlan
+    #: Oriented slide coordinates of the tiles' output pixel (0, 0).
+    start: tuple[int, int]
+    #: The block's pixels within the tiles' output (oriented).
+    crop: tuple[slice, slice]
+
+    def source_indices(self, slide_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Source slide rows and columns that, gathered (and transposed when the orientation
+        transposes), give the view's padded input, mirrored at the slide's borders."""
+        oriented_shape = self.orientation.shape(slide_shape)
+        by_source_axis: dict[int, np.ndarray] = {}
+        for axis in (0, 1):
+            start = self.start[axis] - self.tiles.margin
+            stop = start + self.tiles.padded_shape[axis]
+            extent = oriented_shape[axis]
+            oriented = reflect_indices(start, stop, extent)
+            source = self.orientation.source_axis(axis)
+            by_source_axis[source] = self.orientation.source_index(axis, oriented, extent)
+        return by_source_axis[0], by_source_axis[1]
+
+
+@dataclass(frozen=True)
 class Block:
-    """One unit of work: output rows y0..y1, columns x0..x1 and the tiles it runs."""
+    """One unit of work: output rows y0..y1, columns x0..x1, the tiles it runs and, under
+    test-time averaging, its view in each orientation."""
 
     index: tuple[int, int]
     y0: int
@@ -45,6 +81,7 @@ class Block:
     x0: int
     x1: int
     tiles: TilePlan
+    views: tuple[OrientedView, ...] = ()
 
     @property
     def name(self) -> str:
@@ -101,13 +138,46 @@ def _local_plan(tiles: TilePlan, y0: int, y1: int, x0: int, x1: int) -> TilePlan
     )
 
 
+def _owner(origins: tuple[int, ...], px: int) -> int:
+    """The origin of the tile a whole-slide pass takes output px `px` from (the largest origin
+    at or before it: predict_padded lets later tiles overwrite the px they share)."""
+    return max(o for o in origins if o <= px)
+
+
+def _oriented_view(
+    block: Block, slide_shape: tuple[int, int], orientation: Orientation, oriented: TilePlan
+) -> OrientedView:
+    """The view of `block` in the pass over the slide oriented by `orientation`, whose whole
+    plan is `oriented`."""
+    spans = orientation.region(((block.y0, block.y1), (block.x0, block.x1)), slide_shape)
+    origins_by_axis = (oriented.origins_y, oriented.origins_x)
+    starts, locals_, crops = [], [], []
+    for (a0, a1), origins in zip(spans, origins_by_axis, strict=True):
+        first, last = _owner(origins, a0), _owner(origins, a1 - 1)
+        starts.append(first)
+        locals_.append(tuple(o - first for o in origins if first <= o <= last))
+        crops.append(slice(a0 - first, a1 - first))
+    tiles = TilePlan(
+        out_shape=(spans[0][1] - starts[0], spans[1][1] - starts[1]),
+        tile_size=oriented.tile_size,
+        output_size=oriented.output_size,
+        stride=oriented.stride,
+        margin=oriented.margin,
+        origins_y=locals_[0],
+        origins_x=locals_[1],
+    )
+    return OrientedView(orientation, tiles, (starts[0], starts[1]), (crops[0], crops[1]))
+
+
 def plan_slide(
     shape: tuple[int, int],
     geometry: UNetGeometry,
     tile_size: int,
     block_size: int | None = None,
+    averaged: tuple[Orientation, ...] = (IDENTITY,),
 ) -> SlidePlan:
-    """Blocks covering a slide of `shape` (H, W), each owning whole output chunks."""
+    """Blocks covering a slide of `shape` (H, W), each owning whole output chunks; with more
+    than the identity in `averaged`, each block also gets its view in every orientation."""
     tiles = plan_tiles(shape, geometry, tile_size)
     # An axis shorter than one tile gets a smaller tile and stride from plan_tiles, but also a
     # single block; the other axis's (larger) stride sets the square chunk grid.
@@ -119,6 +189,13 @@ def plan_slide(
         for i, (y0, y1) in enumerate(zip(ys[:-1], ys[1:], strict=True))
         for j, (x0, x1) in enumerate(zip(xs[:-1], xs[1:], strict=True))
     )
+    if averaged != (IDENTITY,):
+        # Same tile size in every orientation; a transposed slide gets its own whole plan.
+        whole = {o: plan_tiles(o.shape(shape), geometry, tile_size) for o in averaged}
+        blocks = tuple(
+            replace(b, views=tuple(_oriented_view(b, shape, o, whole[o]) for o in averaged))
+            for b in blocks
+        )
     return SlidePlan(
         shape=(int(shape[0]), int(shape[1])), tiles=tiles, chunk_side=side, blocks=blocks
     )
