@@ -1,11 +1,17 @@
-"""Batched training augmentation on torch tensors: elastic deformation, flips/rot90, gray jitter.
+"""Batched training augmentation on torch tensors: H&E stain jitter, elastic deformation,
+flips/rot90, gray jitter.
+
+H&E stain jitter (Tellez et al. 2018), off by default, comes first, on the RGB pixels as they
+arrive (on [0, 1]): each sample's haematoxylin, eosin and DAB concentrations (segcore.stain)
+are scaled by U(1 - sigma, 1 + sigma) and shifted by U(-bias, bias), per stain.
 
 Elastic deformation as in Ronneberger et al. 2015: each sample draws displacement vectors on a
 coarse 3 x 3 grid from N(0, sigma = 10 px); bicubic interpolation of that grid gives a smooth
 per-pixel displacement; image (bicubic), target (nearest) and weight map (bilinear) are
 resampled with the same field, mirroring at the borders. Flips and 90 degree rotations
 (exact index permutations, the same for all three) follow, then gray-value jitter of the image
-alone. Everything runs on the tensors' device; all randomness comes from one torch.Generator.
+alone. Everything runs on the tensors' device; all randomness comes from one torch.Generator,
+and a switched-off step draws nothing from it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segcore.stain import HED_FROM_RGB, RGB_FROM_HED, rgb_to_od
+
 
 class AugmentInputError(ValueError):
     """Image, target and weight that cannot be augmented together."""
@@ -24,7 +32,14 @@ class AugmentInputError(ValueError):
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Which augmentations run and how strong they are (gray_jitter 0 switches jitter off)."""
+    """Which augmentations run and how strong they are (gray_jitter 0 switches jitter off).
+
+    stain_sigma and stain_bias (both 0, off, by default) set the H&E stain jitter: scale
+    U(1 - sigma, 1 + sigma) and shift U(-bias, bias) of each stain's concentration, in
+    natural-log optical density (a shift of 0.05 in one stain darkens white by at most 5 %
+    in any channel). It needs RGB images: `check_channels` says so at configuration time,
+    `augment_batch` at the latest.
+    """
 
     elastic: bool = True
     elastic_sigma: float = 10.0
@@ -33,6 +48,8 @@ class AugmentConfig:
     flips: bool = True
     rot90: bool = True
     gray_jitter: float = 0.1
+    stain_sigma: float = 0.0
+    stain_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.elastic_sigma < 0:
@@ -43,6 +60,21 @@ class AugmentConfig:
             raise AugmentInputError(f"image_mode must be bicubic or bilinear: {self.image_mode!r}")
         if not 0 <= self.gray_jitter < 1:
             raise AugmentInputError(f"gray_jitter must be in [0, 1), got {self.gray_jitter}")
+        if not 0 <= self.stain_sigma < 1:
+            raise AugmentInputError(f"stain_sigma must be in [0, 1), got {self.stain_sigma}")
+        if self.stain_bias < 0:
+            raise AugmentInputError(f"stain_bias must be >= 0, got {self.stain_bias}")
+
+    @property
+    def uses_stain_jitter(self) -> bool:
+        return self.stain_sigma > 0 or self.stain_bias > 0
+
+    def check_channels(self, channels: int) -> None:
+        """Raise AugmentInputError if stain jitter is on for images that are not RGB."""
+        if self.uses_stain_jitter and channels != 3:
+            raise AugmentInputError(
+                f"stain jitter (stain_sigma/stain_bias) needs RGB images, got {channels} channel(s)"
+            )
 
 
 def _random(shape: tuple[int, ...], generator: torch.Generator, normal: bool) -> Tensor:
@@ -140,6 +172,30 @@ def gray_jitter(image: Tensor, strength: float, generator: torch.Generator) -> T
     return torch.addcmul(offset, u, scale).to(image.dtype)
 
 
+def stain_jitter(image: Tensor, sigma: float, bias: float, generator: torch.Generator) -> Tensor:
+    """Per-sample H&E stain jitter of N x 3 x H x W RGB images on [0, 1].
+
+    Concentrations c = OD @ HED_FROM_RGB become c * alpha + beta with alpha ~ U(1 - sigma,
+    1 + sigma) and beta ~ U(-bias, bias) drawn per sample and stain, and go back through
+    OD = c @ RGB_FROM_HED, RGB = exp(-OD). The three linear steps fold into one 3 x 3 matrix
+    and one offset per sample, so the pixels see one matrix product between a log and an exp.
+    Output clipped to [0, 1]; with sigma = bias = 0 it is the input up to rounding.
+    """
+    n = image.shape[0]
+    draws = (_random((n, 2, 3), generator, normal=False) * 2 - 1).to(image.device)
+    alpha, beta = 1 + draws[:, 0] * sigma, draws[:, 1] * bias
+    x = image.float()
+    to_hed = torch.as_tensor(HED_FROM_RGB, dtype=x.dtype, device=x.device)
+    to_rgb = torch.as_tensor(RGB_FROM_HED, dtype=x.dtype, device=x.device)
+    # Row vectors: od' = od @ (to_hed diag(alpha) to_rgb) + beta @ to_rgb; here transposed to
+    # act on the channel axis of N x 3 x (H W).
+    mix = (to_hed[None] * alpha[:, None, :]) @ to_rgb
+    offset = beta @ to_rgb
+    od = rgb_to_od(x).flatten(2)
+    od = torch.baddbmm(offset[:, :, None], mix.transpose(1, 2), od)
+    return torch.exp(-od).clamp_(0, 1).view_as(x).to(image.dtype)
+
+
 def _check(image: Tensor, target: Tensor, weight: Tensor | None) -> None:
     """Raise AugmentInputError unless image is N x C x H x W and target/weight N x H x W."""
     if image.ndim != 4:
@@ -166,9 +222,12 @@ def augment_batch(
     config: AugmentConfig,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Augment a batch; every sample draws its own field, flips, turns and jitter."""
+    """Augment a batch; every sample draws its own stain jitter, field, flips, turns and jitter."""
     _check(image, target, weight)
-    n, _, h, w = image.shape
+    n, channels, h, w = image.shape
+    if config.uses_stain_jitter:
+        config.check_channels(channels)
+        image = stain_jitter(image, config.stain_sigma, config.stain_bias, generator)
     if config.elastic:
         coarse = coarse_displacements(n, config, generator).to(image.device)
         field = displacement_field(coarse, h, w)

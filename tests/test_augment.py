@@ -12,7 +12,9 @@ from segcore.augment import (
     coarse_displacements,
     displacement_field,
     elastic_deform,
+    stain_jitter,
 )
+from segcore.stain import hed_to_rgb, rgb_to_hed
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STILL = AugmentConfig(elastic=False, flips=False, rot90=False, gray_jitter=0.0)
@@ -212,12 +214,89 @@ def test_bad_inputs_raise_one_clear_error():
         AugmentConfig(elastic_sigma=-1)
 
 
+def _stained(n: int = 4, h: int = 16, w: int = 20, seed: int = 0) -> torch.Tensor:
+    """RGB on [0, 1] with known concentrations: H 0.1..0.8, E 0.1..0.5, D 0.05 (all > 0)."""
+    g = _gen(seed)
+    hed = torch.stack(
+        [
+            0.1 + 0.7 * torch.rand(n, h, w, generator=g),
+            0.1 + 0.4 * torch.rand(n, h, w, generator=g),
+            torch.full((n, h, w), 0.05),
+        ],
+        dim=1,
+    )
+    return hed_to_rgb(hed.double()).float()
+
+
+def test_stain_jitter_at_zero_strength_is_the_identity_within_one_grey_level():
+    pixels = torch.arange(256, dtype=torch.float32) / 255  # every uint8 value, 0 and 255 too
+    image = pixels[torch.randperm(256 * 3, generator=_gen()) % 256].view(1, 3, 16, 16)
+    out = stain_jitter(image, 0.0, 0.0, _gen())
+    assert (out - image).abs().max() * 255 < 1
+    # Switched off in the config, the batch goes through untouched and bit for bit.
+    image, target, weight = _random_batch(c=3)
+    config = AugmentConfig(elastic=False, flips=False, rot90=False, gray_jitter=0.0)
+    assert torch.equal(augment_batch(image, target, weight, config, _gen())[0], image)
+
+
+def test_stain_jitter_scales_and_shifts_each_stain_by_one_draw_per_sample():
+    image = _stained().double()
+    hed = rgb_to_hed(image)
+    scaled = rgb_to_hed(stain_jitter(image, 0.2, 0.0, _gen(1)))
+    alpha = scaled / hed  # one factor per sample and stain, the same at every pixel
+    per_sample = alpha.flatten(2)
+    assert (per_sample.amax(-1) - per_sample.amin(-1)).max() < 1e-4  # computed in float32
+    assert ((per_sample[..., 0] - 1).abs() <= 0.2).all()
+    assert per_sample[..., 0].std() > 0.02  # samples and stains draw their own factors
+    shifted = rgb_to_hed(stain_jitter(image, 0.0, 0.1, _gen(2)))
+    beta = (shifted - hed).flatten(2)
+    assert (beta.amax(-1) - beta.amin(-1)).max() < 1e-5
+    assert (beta[..., 0].abs() <= 0.1).all() and beta[..., 0].std() > 0.01
+
+
+def test_stain_jitter_is_seeded_and_touches_only_the_image():
+    image = _stained()
+    _, target, weight = _random_batch(n=4, c=3, h=16, w=20)
+    config = AugmentConfig(
+        elastic=False, flips=False, rot90=False, gray_jitter=0.0, stain_sigma=0.1, stain_bias=0.05
+    )
+    a = augment_batch(image, target, weight, config, _gen(5))
+    b = augment_batch(image, target, weight, config, _gen(5))
+    c = augment_batch(image, target, weight, config, _gen(6))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[0], c[0], atol=1e-3)
+    assert torch.equal(a[1], target) and torch.equal(a[2], weight)
+    assert a[0].dtype == image.dtype and a[0].min() >= 0 and a[0].max() <= 1
+    assert not torch.allclose(a[0], image, atol=1e-3)
+
+
+def test_stain_jitter_needs_rgb_and_says_so():
+    image, target, weight = _random_batch(c=1)
+    config = AugmentConfig(stain_sigma=0.1)
+    with pytest.raises(AugmentInputError, match="needs RGB images, got 1 channel"):
+        config.check_channels(1)
+    with pytest.raises(AugmentInputError, match="needs RGB images, got 1 channel"):
+        augment_batch(image, target, weight, config, _gen())
+    config.check_channels(3)
+    AugmentConfig().check_channels(1)  # off: any channel count
+    augment_batch(image, target, weight, AugmentConfig(), _gen())
+    with pytest.raises(AugmentInputError, match="stain_sigma"):
+        AugmentConfig(stain_sigma=1.0)
+    with pytest.raises(AugmentInputError, match="stain_bias"):
+        AugmentConfig(stain_bias=-0.1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu_for_the_same_seed():
     image, target, weight = _random_batch(n=4, h=64, w=64, labels=(0, 1, 2))
     config = AugmentConfig()
     cpu = augment_batch(image, target, weight, config, _gen(9))
     gpu = augment_batch(image.cuda(), target.cuda(), weight.cuda(), config, _gen(9))
+    stained = AugmentConfig(stain_sigma=0.1, stain_bias=0.05)
+    image3 = _stained(n=4, h=64, w=64)
+    cpu3 = augment_batch(image3, target, weight, stained, _gen(3))[0]
+    gpu3 = augment_batch(image3.cuda(), target.cuda(), weight.cuda(), stained, _gen(3))[0]
+    assert gpu3.device.type == "cuda"
+    torch.testing.assert_close(gpu3.cpu(), cpu3, rtol=0, atol=1e-4)
     assert all(t.device.type == "cuda" for t in gpu)
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(gpu[2].cpu(), cpu[2], rtol=0, atol=1e-3)
