@@ -40,6 +40,7 @@ from pipelines.inference.blocks import BlockJob, run_block
 from pipelines.inference.journal import Journal, run_lock
 from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host
 from pipelines.inference.outputs import (
+    InstanceRule,
     WorkGroup,
     built_instances,
     class_fractions,
@@ -98,6 +99,13 @@ class InferConfig(BaseModel):
     #: pass): "flips" (4 passes), "dihedral" (8: flips and 90-degree rotations).
     test_time_augmentation: OrientationSet = "none"
     connectivity: Literal[1, 2] = 1
+    #: Instances: the foreground's connected components ("none"), or after touching objects
+    #: are cut apart by a watershed from the distance transform's h-maxima of at least
+    #: `separation_depth` px, each chunk seeing `separation_halo` px around it (set it to at
+    #: least an object's diameter).
+    separation: Literal["none", "watershed"] = "none"
+    separation_depth: float = Field(default=2.0, gt=0)
+    separation_halo: int = Field(default=32, ge=1)
     max_in_flight: int | None = Field(default=None, ge=1)
     cluster: ClusterConfig = Field(default_factory=_default_cluster)
     overwrite: bool = False
@@ -238,6 +246,9 @@ def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
         "skip_background": config.skip_background,
         "test_time_augmentation": config.test_time_augmentation,
         "connectivity": config.connectivity,
+        "separation": config.separation,
+        "separation_depth": config.separation_depth,
+        "separation_halo": config.separation_halo,
     }
 
 
@@ -361,7 +372,11 @@ def _segment(
                 plan.chunk_side,
                 slide.n_levels,
                 mpp,
-                config.connectivity,
+                InstanceRule(
+                    config.connectivity,
+                    config.separation_depth if config.separation == "watershed" else None,
+                    config.separation_halo,
+                ),
                 session.max_in_flight,
                 identity,
             )

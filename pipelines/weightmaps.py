@@ -37,6 +37,7 @@ from pipelines.ingest import SLIDE_STORE
 from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
 from pipelines.storage import install, remove_stale_siblings, temporary_sibling
 from segcore import ngff
+from segcore.ngff import grown_region
 from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore, read_checked
 from segcore.weights import border_halo, class_weights_from_counts, separate_touching, weight_map
 
@@ -110,28 +111,15 @@ def _blocks(shape: tuple[int, int], side: tuple[int, int]) -> Iterator[Region]:
             yield slice(y, min(y + side[0], shape[0])), slice(x, min(x + side[1], shape[1]))
 
 
-def _grown(region: Region, margin: int, shape: tuple[int, int]) -> tuple[Region, Region]:
-    """`region` grown by `margin` px and clipped to the image (outside is background to both
-    `separate_touching` and `weight_map`, as for the whole image), and where `region` sits
-    inside the grown one."""
-    grown = tuple(
-        slice(max(r.start - margin, 0), min(r.stop + margin, n))
-        for r, n in zip(region, shape, strict=True)
-    )
-    inner = tuple(
-        slice(r.start - g.start, r.stop - g.start) for r, g in zip(region, grown, strict=True)
-    )
-    return grown, inner
-
-
 # --- block tasks (run on Dask workers) ------------------------------------------------------
 
 
 def _scan_block(annotations: zarr.Array, region: Region) -> tuple[list, int]:
     """(chunk index, digest) of every annotation chunk in `region`, and its cell pixels once
-    touching cells are separated."""
+    touching cells are separated. Outside the image is background to `separate_touching` and
+    `weight_map`, as for the whole image, so the grown window is clipped there."""
     shape = tuple(annotations.shape)
-    grown, inner = _grown(region, 1, shape)
+    grown, inner = grown_region(region, 1, shape)
     labels = read_checked(annotations, grown)
     core = labels[inner]
     cy, cx = annotations.chunks
@@ -154,7 +142,7 @@ def _write_block(
     config: WeightsConfig,
     class_weights: np.ndarray,
 ) -> None:
-    grown, inner = _grown(region, halo + 1, tuple(annotations.shape))
+    grown, inner = grown_region(region, halo + 1, annotations.shape)
     separated = separate_touching(read_checked(annotations, grown))
     weights = weight_map(
         separated, config.w0, config.sigma, class_weights, tolerance=config.tolerance

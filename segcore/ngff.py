@@ -124,6 +124,23 @@ def level_regions(shape: Sequence[int], region_size: int) -> list[Region]:
     ]
 
 
+def grown_region(region: Region, margin: int, shape: Sequence[int]) -> tuple[Region, Region]:
+    """`region` grown by `margin` px on every side and clipped to the (y, x) `shape`, and where
+    `region` lies inside the grown one: the read window of a task that needs context.
+
+    Example: grown_region((slice(0, 64), slice(64, 128)), 8, (100, 150))
+    -> ((slice(0, 72), slice(56, 136)), (slice(0, 64), slice(8, 72))).
+    """
+    grown = tuple(
+        slice(max(r.start - margin, 0), min(r.stop + margin, n))
+        for r, n in zip(region, shape[-2:], strict=True)
+    )
+    inner = tuple(
+        slice(r.start - g.start, r.stop - g.start) for r, g in zip(region, grown, strict=True)
+    )
+    return grown, inner
+
+
 def downsample2(block: np.ndarray, method: Method) -> np.ndarray:
     """Halve the last two axes of `block` (rounding up).
 

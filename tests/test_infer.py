@@ -30,6 +30,7 @@ from segcore import ngff
 from segcore.checkpoint import save_unet
 from segcore.model import UNet
 from segcore.orientation import orientations
+from segcore.separation import cut_touching
 from segcore.store import STORE_FORMAT, SlideStore
 from segcore.tiling import predict_tiled
 
@@ -385,3 +386,18 @@ def test_orientations_round_trip_and_map_regions():
         (a0, a1), (c0, c1) = orientation.region(region, (5, 7))
         crop = image[:, region[0][0] : region[0][1], region[1][0] : region[1][1]]
         assert torch.equal(oriented[:, a0:a1, c0:c1], orientation.apply(crop))
+
+
+def test_watershed_separation_cuts_the_instances(tmp_path, model_file, client):
+    store = make_store(tmp_path / "s.zarr", smooth_image((200, 230), seed=12))
+    # The wiring (the cut itself is tested on real touching discs in test_separation.py). A
+    # halo wider than the slide: every chunk sees everything, so the cut equals the whole's.
+    cut = config(separation="watershed", separation_halo=256)
+    result = infer_slide(store, model_file, cut, client)
+    slide = SlideStore.open(store)
+    classes = slide.group["labels/segmentation/0"][...]
+    instances = slide.group["labels/instances/0"][...]
+    expected, n = ndimage.label(cut_touching(classes != 0))
+    assert result.n_instances == n
+    assert_same_partition(instances, expected)
+    assert not (tmp_path / "s.zarr" / "foreground-cut").exists()

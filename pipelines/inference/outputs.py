@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import zarr
@@ -22,7 +23,7 @@ from ome_zarr.format import FormatV05
 from ome_zarr.writer import add_metadata, get_metadata
 
 from pipelines.cluster import map_bounded
-from pipelines.components import label_foreground
+from pipelines.components import label_foreground, separate_foreground
 from pipelines.stage import Identity, record_identity
 from pipelines.storage import install, remove_stale_siblings
 from segcore import ngff
@@ -30,6 +31,7 @@ from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION
 
 PROBABILITIES = "probabilities"
 _BUILT = "built"
+_CUT = "foreground-cut"
 _READY = "ready"
 
 
@@ -99,19 +101,32 @@ def _pyramid(
             pass
 
 
+@dataclass(frozen=True)
+class InstanceRule:
+    """How instances come from the class map: its foreground's connected components (edge
+    neighbours, `connectivity` 2 also diagonal ones), after touching objects are cut apart by
+    a watershed (`segcore.separation`) when `cut_depth` (its h, px) is set, each chunk seeing
+    `cut_halo` px around it."""
+
+    connectivity: Literal[1, 2] = 1
+    cut_depth: float | None = None
+    cut_halo: int = 32
+
+
 def finish(
     work: WorkGroup,
     client: Client,
     chunk_size: int,
     n_levels: int,
     mpp: float | None,
-    connectivity: int,
+    rule: InstanceRule,
     max_in_flight: int,
     identity: Identity,
 ) -> int:
     """Derive pyramids and instances from the finished level 0; returns the instance count."""
     group = work.group
-    shape = group[f"{LABELS_GROUP}/{SEGMENTATION}/0"].shape
+    segmentation = group[f"{LABELS_GROUP}/{SEGMENTATION}/0"]
+    shape = segmentation.shape
     instances = ngff.create_label(
         group,
         INSTANCES,
@@ -124,15 +139,29 @@ def finish(
         mpp=mpp,
         overwrite=True,
     )
+    foreground = segmentation
+    if rule.cut_depth is not None:
+        # A work array beside the labels: removed with the journal, never installed.
+        foreground = ngff.create_array(
+            group, _CUT, shape, "uint8", segmentation.chunks, overwrite=True
+        )
+        separate_foreground(
+            segmentation, foreground, client, rule.cut_halo, rule.cut_depth, max_in_flight
+        )
     n_instances = label_foreground(
-        group[f"{LABELS_GROUP}/{SEGMENTATION}/0"], instances[0], client, connectivity, max_in_flight
+        foreground, instances[0], client, rule.connectivity, max_in_flight
     )
     for name in (SEGMENTATION, INSTANCES):
         _pyramid(group, name, client, max_in_flight, chunk_size)
     record_identity(
         group[f"{LABELS_GROUP}/{INSTANCES}"],
         identity,
-        {"n_instances": n_instances, "connectivity": connectivity, "source": SEGMENTATION},
+        {
+            "n_instances": n_instances,
+            "connectivity": rule.connectivity,
+            "cut_depth": rule.cut_depth,
+            "source": SEGMENTATION,
+        },
     )
     (work.root / _BUILT).write_text(str(n_instances))
     return n_instances
