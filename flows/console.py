@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from prefect.logging.handlers import PrefectConsoleHandler
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -152,18 +151,12 @@ def _cell(outcome: StageOutcome | None) -> str:
     return f"[{STATUS_STYLE.get(outcome.status, 'white')}]{outcome.status}"
 
 
-def quiet_console() -> None:
-    """Raise Prefect's console handler to warnings for the rest of the process."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler):
-            handler.setLevel(logging.WARNING)
-
-
 @contextmanager
 def quiet_logging(verbose: bool) -> Iterator[None]:
     """Keep library logs and warnings (Prefect's per-task lines, tifffile, distributed) off the
     terminal unless `verbose`: the bars and the table say what happened, and Prefect's API
-    keeps the full logs of every run."""
+    keeps the full logs of every run. Everything is put back as it was afterwards."""
+    capturing = logging._warnings_showwarning is not None  # captureWarnings has no getter
     logging.captureWarnings(True)
     handlers = [h for name in QUIET_LOGGERS for h in logging.getLogger(name).handlers]
     levels = {handler: handler.level for handler in handlers}
@@ -182,4 +175,4 @@ def quiet_logging(verbose: bool) -> Iterator[None]:
             os.environ.pop(ARTIFACT_BAR, None)
         else:
             os.environ[ARTIFACT_BAR] = bar
-        logging.captureWarnings(False)
+        logging.captureWarnings(capturing)

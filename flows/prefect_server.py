@@ -10,6 +10,7 @@ needs no file descriptor that forked workers could inherit and hold open.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import time
 from typing import Any
 
 import prefect
-from prefect.server.api.server import SubprocessASGIServer
+from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
 from prefect.settings import get_current_settings
 
 #: How often the watchdog looks for its parent, and how long uvicorn may take to stop after.
@@ -68,6 +69,17 @@ class TemporaryServer(SubprocessASGIServer):
             # before the interrupted command has recorded its flow run as Cancelled.
             start_new_session=True,
         )
+
+    def stop(self) -> None:
+        """Prefect's stop, without its "Stopping temporary server" line: it runs at exit, after
+        the command's report, when the quiet block that kept Prefect's info lines off the
+        terminal has ended."""
+        level = subprocess_server_logger.level
+        subprocess_server_logger.setLevel(logging.WARNING)
+        try:
+            super().stop()
+        finally:
+            subprocess_server_logger.setLevel(level)
 
 
 def serving(database_url: str, startup_timeout: int) -> TemporaryServer:

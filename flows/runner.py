@@ -3,7 +3,6 @@ and the run's summary back whether or not some slides failed."""
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from prefect.states import Cancelled, State
 from rich.console import Console
 
 from flows import progress
-from flows.console import quiet_console, quiet_logging, stage_bars
+from flows.console import quiet_logging, stage_bars
 from flows.interrupt import on_interrupt
 from flows.outcomes import RunSummary, SlideFailures
 from flows.runtime import Runtime, prefect_session
@@ -55,11 +54,6 @@ def run_flow(flow: Flow, runtime: Runtime, verbose: bool = False, **parameters) 
     ):
         recorded = flow.with_options(on_running=[*flow.on_running_hooks, running])
         state = recorded(runtime=runtime, return_state=True, **parameters)
-    if not verbose:
-        # The temporary server stops at exit and says so; registered after it, this runs
-        # first and keeps that line off the terminal too.
-        atexit.unregister(quiet_console)
-        atexit.register(quiet_console)
     result = state.result(raise_on_failure=False)
     if isinstance(result, SlideFailures):
         result = result.summary
