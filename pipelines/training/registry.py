@@ -116,20 +116,23 @@ def log_and_register(
     example = np.zeros(
         (2, model.config.in_channels, *(2 * [model.valid_input_size(1)])), np.float32
     )
-    with process_state_kept(), mlflow.start_run(run_id=run_id):
-        mlflow.set_tracking_uri(tracking_uri)  # log_model has no client form
-        info = mlflow.pytorch.log_model(
-            model,
-            name=MODEL_NAME,
-            serialization_format="pt2",
-            input_example=example,
-            signature=signature(model),
-            metadata=metadata,
-            # Stating the requirement skips MLflow's slow inference of it in a subprocess.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            registered_model_name=registered_name,
-        )
-        mlflow.log_artifact(str(weights_file), artifact_path="checkpoint")
+    with process_state_kept():
+        # log_model has no client form: the fluent URI is set, before the run is looked up in
+        # it, for the block only.
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=MODEL_NAME,
+                serialization_format="pt2",
+                input_example=example,
+                signature=signature(model),
+                metadata=metadata,
+                # Stating the requirement skips MLflow's slow inference of it in a subprocess.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                registered_model_name=registered_name,
+            )
+            mlflow.log_artifact(str(weights_file), artifact_path="checkpoint")
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri)
     became_champion = promote(client, registered_name, version, val_iou)
