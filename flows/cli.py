@@ -214,11 +214,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":  # reads no input, starts nothing
         return _config(args.stage)
     from flows.console import quiet_logging
-    from flows.runtime import Runtime
+    from pipelines.runtime import Runtime
 
-    runtime = Runtime(
+    runtime = Runtime.from_environment(
         workdir=args.workdir, tracking_uri=args.tracking_uri, scheduler_address=args.scheduler
-    ).resolved(os.environ)
+    )
     paths, overrides = split_items(args.items)
     if args.command == "train" and os.environ.get("LOCAL_RANK", "0") != "0":
         # Lightning's DDP launcher re-runs this command once per extra device; those ranks
@@ -337,7 +337,7 @@ def _serve(args, runtime, paths, overrides) -> int:
 
     config = _pipeline_config(args, paths, overrides)
     writable_folder(runtime.workdir)
-    embedded = prefect_api_url(os.environ) is None
+    embedded = prefect_api_url(runtime) is None
     if embedded:
         print(
             "segflow: serving on Prefect's temporary local API: schedules run while this "
@@ -345,7 +345,7 @@ def _serve(args, runtime, paths, overrides) -> int:
             "and manual runs (see infra/README.md)",
             file=sys.stderr,
         )
-    with prefect_session(runtime, os.environ):
+    with prefect_session(runtime):
         serve(config, runtime, args.cron, embedded)
     return 0
 

@@ -9,7 +9,6 @@ prints where everything is and how to look at it.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 import time
@@ -157,7 +156,7 @@ def _report(console, runtime, summary, flow_run_id, overlays, scores, started) -
             f"  MLflow UI:   mlflow ui --backend-store-uri {q(runtime.mlflow_uri)} --port 5000"
             "   # then http://127.0.0.1:5000"
         )
-    if prefect_api_url(os.environ) is None:
+    if prefect_api_url(runtime) is None:
         url = prefect_database_url(runtime)
         console.print(
             f"  Prefect UI:  PREFECT_SERVER_DATABASE_CONNECTION_URL={q(url)} prefect server start"

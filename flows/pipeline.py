@@ -15,7 +15,6 @@ failed runs catches it), its artifact still showing every slide.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import flow
@@ -24,13 +23,13 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.models import pin_model
 from flows.outcomes import RunSummary, SlideFailures, StageOutcome, TrainedModel
-from flows.runtime import Runtime
 from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
 from pipelines.infer import InferConfig
 from pipelines.ingest import IngestConfig
+from pipelines.models import pin_model_uri
 from pipelines.redaction import redact_text, redact_uri
+from pipelines.runtime import Runtime
 from pipelines.sources import SlideSource, find_slides, find_stores, ready_stores
 from pipelines.training.config import DEFAULT_MODEL_NAME, TrainConfig
 from pipelines.training.result import TrainResult
@@ -135,7 +134,7 @@ def _infer_stage(
 ) -> None:
     config = config.model_copy(update={"tracking_uri": runtime.mlflow_uri})
     try:
-        pinned = pin_model(model_uri, runtime.mlflow_uri)
+        pinned, _ = pin_model_uri(model_uri, runtime.mlflow_uri)
     except ValueError as exc:  # no such model or alias: every slide fails with that reason
         detail = redact_text(str(exc))
         summary.outcomes += [
@@ -155,7 +154,7 @@ def ingest_flow(
 ) -> RunSummary:
     """Ingest slides (files, folders of slides, `.csv` manifests of image/label pairs, or
     explicit pairs) into `<workdir>/stores`."""
-    runtime = runtime.resolved(os.environ)
+    runtime = runtime.resolved()
     summary = RunSummary("ingest")
     _ingest_stage(sources, ingest, runtime, summary)
     return _finish(summary)
@@ -168,7 +167,7 @@ def weights_flow(
     runtime: Runtime = DEFAULT_RUNTIME,
 ) -> RunSummary:
     """Weight maps of labelled stores (store paths, or folders of stores)."""
-    runtime = runtime.resolved(os.environ)
+    runtime = runtime.resolved()
     summary = RunSummary("weights")
     labelled = labelled_stores(stores)
     summary.outcomes += [o for o, _ in run_weights(labelled, weights, runtime)]
@@ -180,7 +179,7 @@ def train_flow(train: TrainConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSum
     """Train, track and register a U-Net on the stores `train` names: stores, or folders of
     stores of which those with weight maps (and not named for validation) are trained on,
     by default those of `<workdir>/stores` (pipelines.training.stores)."""
-    runtime = runtime.resolved(os.environ)
+    runtime = runtime.resolved()
     config = train.model_copy(
         update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
     )
@@ -208,7 +207,7 @@ def infer_flow(
     champion has moved; every other slide is answered from the cache or the stage's own run
     key.
     """
-    runtime = runtime.resolved(os.environ)
+    runtime = runtime.resolved()
     summary = RunSummary("infer")
     targets = find_stores(stores or [runtime.stores_dir]) if stores or archive is None else []
     if archive is not None:
@@ -230,7 +229,7 @@ def _split(labelled: list[Path], config: PipelineConfig) -> tuple[list[Path], li
 def pipeline_flow(config: PipelineConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSummary:
     """Ingest an archive, compute weight maps of its labelled slides, train and register a
     U-Net, and segment every slide with the champion that results."""
-    runtime = runtime.resolved(os.environ)
+    runtime = runtime.resolved()
     summary = RunSummary("pipeline")
     stores = _ingest_stage([config.archive], config.ingest, runtime, summary)
     labelled = sorted(s for s in stores if is_labelled(s))

@@ -3,7 +3,6 @@ and the run's summary back whether or not some slides failed."""
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -46,7 +45,7 @@ def run_flow(flow: Flow, runtime: Runtime, verbose: bool = False, **parameters) 
 
     with (
         quiet_logging(verbose),  # first: starting the temporary server logs a line
-        prefect_session(runtime, os.environ) as api_url,
+        prefect_session(runtime) as api_url,
         on_interrupt(partial(cancel_flow_runs, api_url, flow_runs)),
         on_interrupt(end_training),
         stage_bars(Console(file=sys.stderr)) as bars,

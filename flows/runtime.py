@@ -1,87 +1,52 @@
-"""Where a run keeps its outputs and which services it talks to, resolved once at the entry point.
+"""Prefect for a run: which API it reports to, and the embedded settings kept in the workdir.
 
-With nothing configured everything is embedded on one machine: stores under `<workdir>/stores`,
-MLflow in `sqlite:///<workdir>/mlflow.db`, a Dask LocalCluster, and Prefect's temporary local
-API with its database and task cache under `<workdir>/prefect`. `PREFECT_API_URL`,
-`MLFLOW_TRACKING_URI` and `DASK_SCHEDULER_ADDRESS` move a run onto real servers.
+The run's workdir and services are a `pipelines.runtime.Runtime`, resolved once where the run
+starts (re-exported here for the flows). With no Prefect API URL (the runtime's, from
+PREFECT_API_URL, or the active profile's) a run uses a temporary local API whose home,
+database and task cache are under `<workdir>/prefect`, so nothing is written to ~/.prefect and
+`prefect server start` on the same database shows the runs afterwards. Prefect's settings
+are changed for the duration of `prefect_session` only (prefect.settings.temporary_settings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import prefect.settings
-from pydantic import BaseModel, ConfigDict
 
 from flows.interrupt import on_interrupt
-from pipelines.cluster import ClusterConfig
-from pipelines.redaction import RedactedUri
+from pipelines.runtime import Runtime
 
-#: Where the user already put Prefect's results (and so the task cache).
-STORAGE_VARIABLES = (
-    "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
-    "PREFECT_LOCAL_STORAGE_PATH",
-    "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
-    "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
-)
+__all__ = [
+    "Runtime",
+    "embedded_prefect_settings",
+    "prefect_api_url",
+    "prefect_database_url",
+    "prefect_session",
+]
+
+#: Prefect's result-storage settings: where the user put Prefect's results (and so the task
+#: cache), by variable or profile, is kept.
+RESULT_STORAGE_SETTINGS = frozenset({"local_storage_path", "default_storage_block"})
 #: The first start migrates a fresh database; 20 s (Prefect's default) is too tight on a busy
 #: 2-core machine.
 SERVER_STARTUP_SECONDS = 120
 
 
-class Runtime(BaseModel):
-    """The services of a run; a field left None is taken from the environment, else embedded."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    workdir: Path = Path("segflow-work")
-    #: None = the embedded `sqlite:///<workdir>/mlflow.db` (artifacts in <workdir>/mlartifacts).
-    tracking_uri: RedactedUri = None
-    #: A running Dask scheduler for every stage; None = each stage starts the LocalCluster its
-    #: own `cluster` settings describe.
-    scheduler_address: RedactedUri = None
-
-    @property
-    def stores_dir(self) -> Path:
-        """Where ingested slide stores live."""
-        return self.workdir / "stores"
-
-    @property
-    def prefect_dir(self) -> Path:
-        """The embedded Prefect API's database and the task cache."""
-        return self.workdir / "prefect"
-
-    @property
-    def mlflow_uri(self) -> str:
-        """The tracking (and registry) URI to talk to."""
-        return self.tracking_uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
-
-    def resolved(self, env: Mapping[str, str]) -> Runtime:
-        """Absolute workdir, and unset services filled from `env`."""
-        workdir = self.workdir.expanduser().resolve()
-        tracking_uri = self.tracking_uri or env.get("MLFLOW_TRACKING_URI") or None
-        if tracking_uri == f"sqlite:///{workdir / 'mlflow.db'}":
-            tracking_uri = None  # the embedded store named explicitly: keep its artifacts beside it
-        address = self.scheduler_address or env.get("DASK_SCHEDULER_ADDRESS") or None
-        return Runtime(workdir=workdir, tracking_uri=tracking_uri, scheduler_address=address)
-
-    def cluster(self, config: ClusterConfig) -> ClusterConfig:
-        """A stage's cluster settings, pointed at the run's scheduler when it has one."""
-        if self.scheduler_address is None:
-            return config
-        return config.model_copy(update={"scheduler_address": self.scheduler_address})
-
-
-def embedded_prefect_settings(runtime: Runtime, env: Mapping[str, str]) -> dict[str, object]:
-    """Prefect settings for a run: the task cache under the workdir and, when no API URL is set,
-    the temporary local server's database kept there too (so `prefect server start` on the
-    same database shows the runs afterwards), without telemetry."""
+def embedded_prefect_settings(runtime: Runtime) -> dict[str, object]:
+    """Prefect settings for a run: the runtime's API URL, the task cache under the workdir and,
+    when there is no API URL, PREFECT_HOME and the temporary local server's database there
+    too, without telemetry. What the user set (a variable or the active profile) is kept."""
+    current = prefect.settings.get_current_settings()
     settings: dict[str, object] = {}
-    if not any(env.get(name) for name in STORAGE_VARIABLES):
+    if not current.results.model_fields_set & RESULT_STORAGE_SETTINGS:
         settings["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(runtime.prefect_dir / "storage")
-    if prefect_api_url(env) is None:
+    if runtime.prefect_api_url is not None:
+        settings["PREFECT_API_URL"] = runtime.prefect_api_url
+    elif prefect_api_url(runtime) is None:
+        if "home" not in current.model_fields_set:
+            settings["PREFECT_HOME"] = str(runtime.prefect_dir)
         settings |= {
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(runtime),
             "PREFECT_SERVER_ANALYTICS_ENABLED": False,
@@ -89,10 +54,10 @@ def embedded_prefect_settings(runtime: Runtime, env: Mapping[str, str]) -> dict[
     return settings
 
 
-def prefect_api_url(env: Mapping[str, str]) -> str | None:
-    """The Prefect server to use: PREFECT_API_URL, or the active Prefect profile's; None means
+def prefect_api_url(runtime: Runtime) -> str | None:
+    """The Prefect server to use: the runtime's, or the active Prefect profile's; None means
     Prefect's temporary local server."""
-    return env.get("PREFECT_API_URL") or prefect.settings.get_current_settings().api.url or None
+    return runtime.prefect_api_url or prefect.settings.get_current_settings().api.url or None
 
 
 def prefect_database_url(runtime: Runtime) -> str:
@@ -101,16 +66,16 @@ def prefect_database_url(runtime: Runtime) -> str:
 
 
 @contextmanager
-def prefect_session(runtime: Runtime, env: Mapping[str, str]) -> Iterator[str]:
+def prefect_session(runtime: Runtime) -> Iterator[str]:
     """Apply `embedded_prefect_settings` for the duration of the block; yields the API URL,
     that of a temporary local server (flows.prefect_server) when none is set."""
     runtime.prefect_dir.mkdir(parents=True, exist_ok=True)
     updates = {
         getattr(prefect.settings, name): value
-        for name, value in embedded_prefect_settings(runtime, env).items()
+        for name, value in embedded_prefect_settings(runtime).items()
     }
     with prefect.settings.temporary_settings(updates=updates):
-        api_url = prefect_api_url(env)
+        api_url = prefect_api_url(runtime)
         if api_url is not None:
             yield api_url
             return

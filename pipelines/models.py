@@ -32,7 +32,8 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from pipelines.pt2_weights import Pt2ArchiveError, pt2_state_dict
-from pipelines.services import mlflow_client
+from pipelines.runtime import default_tracking_uri
+from pipelines.services import MissingStoreError, mlflow_client
 from segcore.checkpoint import CheckpointError, load_unet
 from segcore.model import UNet, UNetConfig
 from segcore.normalization import Normalization, fold_normalization
@@ -43,6 +44,8 @@ PT2_FILE = "model.pt2"
 PICKLED_TORCH_FILE = "model.pth"
 MLMODEL_FILE = "MLmodel"
 
+#: The version `models:/<name>/latest` means: the highest.
+LATEST = "latest"
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:", "s3://", "gs://", "http://", "https://")
 
 
@@ -50,7 +53,45 @@ class ModelLoadError(ValueError):
     """A model URI or file that does not hold a segflow U-Net."""
 
 
-def _artifact_uri(uri: str, client: MlflowClient) -> str:
+class ModelNotFoundError(ModelLoadError):
+    """A registry model, alias or version that does not exist (or a store with none)."""
+
+
+def pin_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """(URI of the version a `models:/` URI means now, that version); other URIs unchanged,
+    with version None. Pinned once, the weights a run loads and the version it records cannot
+    disagree when the alias moves meanwhile. `tracking_uri` None: the default workdir's store
+    (pipelines.runtime.default_tracking_uri).
+
+        pin_model_uri("models:/segflow-unet@champion", uri)  # ("models:/segflow-unet/3", "3")
+        pin_model_uri("models:/segflow-unet/latest", uri)    # the highest version
+        pin_model_uri("models:/segflow-unet/2", uri)         # ("models:/segflow-unet/2", "2")
+        pin_model_uri("runs:/<run id>/model", uri)           # unchanged, None
+    """
+    if not uri.startswith("models:/"):
+        return uri, None
+    name, sep, alias = uri.removeprefix("models:/").partition("@")
+    if not sep:
+        name, _, version = name.partition("/")
+        if version != LATEST:
+            return uri, version or None
+    try:
+        client = mlflow_client(tracking_uri or default_tracking_uri())
+        if sep:
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ModelNotFoundError(f"{uri}: no such model version (no versions of {name})")
+            version = max(versions, key=lambda v: int(v.version)).version
+    except MissingStoreError as exc:
+        raise ModelNotFoundError(f"{uri}: no such model version ({exc})") from exc
+    except MlflowException as exc:
+        raise ModelNotFoundError(f"{uri}: no such model version ({exc.message})") from exc
+    return f"models:/{name}/{version}", str(version)
+
+
+def _artifact_uri(uri: str, tracking_uri: str, client: MlflowClient) -> str:
     """Where the model at a `models:/` or `runs:/` URI is stored, resolved with `client`.
 
     MLflow resolves these URIs with the process-wide default registry (download_artifacts
@@ -59,11 +100,8 @@ def _artifact_uri(uri: str, client: MlflowClient) -> str:
     explicit tracking URI would look in the wrong store: resolve them here, with the client.
     """
     if uri.startswith("models:/"):
-        name, sep, alias = uri.removeprefix("models:/").partition("@")
-        if sep:
-            version = client.get_model_version_by_alias(name, alias).version
-        else:
-            name, _, version = name.partition("/")
+        pinned, version = pin_model_uri(uri, tracking_uri)
+        name = pinned.removeprefix("models:/").rpartition("/")[0]
         return client.get_model_version_download_uri(name, version)
     if uri.startswith("runs:/"):
         run_id, _, path = uri.removeprefix("runs:/").partition("/")
@@ -119,11 +157,11 @@ def _file_names(data_uri: str, mlmodel: Model, tracking_uri: str | None) -> set[
     return {Path(item.path).name for item in listing}
 
 
-def _from_mlflow(uri: str, tracking_uri: str | None) -> UNet:
+def _from_mlflow(uri: str, tracking_uri: str) -> UNet:
     client = mlflow_client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            base = _artifact_uri(uri, client).rstrip("/")
+            base = _artifact_uri(uri, tracking_uri, client).rstrip("/")
             mlmodel = Model.load(_download(f"{base}/{MLMODEL_FILE}", tmp, tracking_uri))
             data = f"{base}/{mlmodel.flavors.get('pytorch', {}).get('model_data', 'data')}"
             refusal = _refusal(mlmodel, _file_names(data, mlmodel, tracking_uri))
@@ -164,12 +202,12 @@ def load_model(
 ) -> UNet:
     """The U-Net at `uri_or_path` on `device`, in eval mode, taking raw 0..255 pixel values.
 
-    `tracking_uri` (default: MLflow's own, e.g. MLFLOW_TRACKING_URI) locates registry and run
-    URIs; it also serves as the registry URI.
+    `tracking_uri` (default: the default workdir's store, pipelines.runtime) locates registry
+    and run URIs; it also serves as the registry URI.
     """
     text = str(uri_or_path)
     if text.startswith(URI_SCHEMES):
-        model = _from_mlflow(text, tracking_uri)
+        model = _from_mlflow(text, tracking_uri or default_tracking_uri())
     else:
         try:
             model = _from_file(Path(text))

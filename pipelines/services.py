@@ -12,14 +12,12 @@ line within seconds, without touching either library's process-wide settings.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import mlflow
 import requests
 from distributed import Client
 from mlflow import MlflowClient
 
 from pipelines.redaction import redact_uri
+from pipelines.runtime import sqlite_database
 
 #: Seconds to wait for a TCP connection, then for the first byte of the answer: well inside
 #: the 30 s a user waits before deciding something hangs.
@@ -35,18 +33,17 @@ class MissingStoreError(ValueError):
     """A tracking store to read from that does not exist."""
 
 
-def require_mlflow(tracking_uri: str | None) -> None:
+def require_mlflow(tracking_uri: str) -> None:
     """Raise ServiceUnreachableError unless the http(s) tracking server at `tracking_uri`
-    (None: MLflow's own default, e.g. MLFLOW_TRACKING_URI) answers; other URIs (sqlite, file,
-    databricks) have no server of segflow's to probe and pass."""
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    answers; other URIs (sqlite, file, databricks) have no server of segflow's to probe and
+    pass."""
+    if not tracking_uri.startswith(("http://", "https://")):
         return
     try:
         # Any HTTP answer, an error status included, proves a server is there: MLflow itself
         # then reports what is wrong with the request. /health is MLflow server's cheapest page.
         requests.get(
-            f"{uri.rstrip('/')}/health",
+            f"{tracking_uri.rstrip('/')}/health",
             timeout=(MLFLOW_CONNECT_TIMEOUT_S, MLFLOW_READ_TIMEOUT_S),
             allow_redirects=False,
         )
@@ -54,11 +51,11 @@ def require_mlflow(tracking_uri: str | None) -> None:
         return  # the server answered the handshake; MLflow applies its own TLS settings
     except requests.exceptions.RequestException as exc:
         raise ServiceUnreachableError(
-            f"cannot reach MLflow at {redact_uri(uri)} ({_reason(exc)})"
+            f"cannot reach MLflow at {redact_uri(tracking_uri)} ({_reason(exc)})"
         ) from exc
 
 
-def mlflow_client(tracking_uri: str | None) -> MlflowClient:
+def mlflow_client(tracking_uri: str) -> MlflowClient:
     """A client, for reading, whose tracking and registry URIs are both `tracking_uri`, once
     the server (if it is one) has answered.
 
@@ -67,21 +64,12 @@ def mlflow_client(tracking_uri: str | None) -> MlflowClient:
     database behind, so it is refused instead (`MissingStoreError`).
     """
     require_mlflow(tracking_uri)
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    database = _sqlite_file(uri)
+    database = sqlite_database(tracking_uri)
     if database is not None and not database.is_file():
         raise MissingStoreError(
-            f"no MLflow store at {redact_uri(uri)} yet (nothing has been trained there)"
+            f"no MLflow store at {redact_uri(tracking_uri)} yet (nothing has been trained there)"
         )
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///<path>` URI; None for other stores and in-memory."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").partition("?")[0]
-    return Path(path) if path and path != ":memory:" else None
 
 
 def connect_scheduler(address: str, timeout_s: float) -> Client:

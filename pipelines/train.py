@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from pipelines.config import ConfigError, load_config
 from pipelines.redaction import redact_text
+from pipelines.runtime import Runtime
 from pipelines.services import require_mlflow
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
@@ -287,7 +288,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         env["MLFLOW_TRACKING_URI"] = config.tracking_uri
     with tempfile.TemporaryDirectory(dir=config.workdir, prefix=".train-") as folder:
         path = Path(folder) / "train.yaml"
-        # Without tracking_uri: the child takes it from MLFLOW_TRACKING_URI, as TrainConfig does.
+        # Without tracking_uri: the child's entry point (main) takes it from MLFLOW_TRACKING_URI.
         settings = config.model_dump(mode="json", exclude={"tracking_uri"})
         path.write_text(yaml.safe_dump(settings, sort_keys=False))
         command = [sys.executable, "-m", "pipelines.train", "--config", str(path)]
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(TrainConfig, args.config, args.overrides)
+        # An entry point: the environment's tracking URI (pipelines.runtime) unless one is set.
+        runtime = Runtime.from_environment(workdir=config.workdir, tracking_uri=config.tracking_uri)
+        config = config.model_copy(update={"tracking_uri": runtime.tracking_uri})
     except ValidationError as exc:
         print(f"train: invalid configuration {args.config}: {_one_line(exc)}", file=sys.stderr)
         return 2

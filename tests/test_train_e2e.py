@@ -132,16 +132,6 @@ def test_champion_moves_only_to_a_better_version(run, client):
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(versions[3])
 
 
-def test_tracking_uri_comes_from_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    config = TrainConfig(stores=[tmp_path / "a.zarr"], workdir=tmp_path)
-    assert config.resolved_tracking_uri == "http://127.0.0.1:5999"
-    assert config.artifact_location is None
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    config = TrainConfig(stores=[tmp_path / "a.zarr"], workdir=tmp_path)
-    assert config.resolved_tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-
-
 def test_two_trainings_in_one_process_keep_to_their_own_stores(tmp_path, monkeypatch):
     """Nothing of the first run's tracking leaks into the process: the second training, with
     another workdir, logs and registers in its own MLflow store, and the environment is as it

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.redaction import RedactedUri
+from pipelines.runtime import DEFAULT_WORKDIR, artifact_root, default_tracking_uri
 from segcore.augment import AugmentConfig
 from segcore.geometry import Padding
 from segcore.normalization import Normalization
@@ -63,10 +63,6 @@ class ValRegion(BaseModel):
     x: int = Field(default=0, ge=0)
     height: int | None = Field(default=None, ge=1)
     width: int | None = Field(default=None, ge=1)
-
-
-def _tracking_uri_from_environment() -> str | None:
-    return os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 class TrainConfig(BaseModel):
@@ -124,10 +120,11 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(default=2, ge=0)
     seed: int = 0
     #: Where checkpoints and the embedded MLflow store live.
-    workdir: Path = Path("segflow-work")
-    #: MLflow tracking URI; None = sqlite:///<workdir>/mlflow.db with artifacts in
-    #: <workdir>/mlartifacts. MLFLOW_TRACKING_URI is read here, once, when the config is built.
-    tracking_uri: RedactedUri = Field(default_factory=_tracking_uri_from_environment)
+    workdir: Path = DEFAULT_WORKDIR
+    #: MLflow tracking URI; None = the workdir's embedded store (pipelines.runtime), with
+    #: artifacts in <workdir>/mlartifacts. No environment variable is read here: the entry
+    #: point (Runtime.from_environment) passes MLFLOW_TRACKING_URI in.
+    tracking_uri: RedactedUri = None
     experiment: str = DEFAULT_MODEL_NAME
     #: Registered model the trained version joins (and whose `champion` it may become).
     registered_model_name: str = DEFAULT_MODEL_NAME
@@ -145,20 +142,13 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_tracking_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
-        return f"sqlite:///{self.workdir.resolve() / 'mlflow.db'}"
+        """The store the run logs and registers to."""
+        return self.tracking_uri or default_tracking_uri(self.workdir)
 
     @property
     def artifact_location(self) -> str | None:
-        """Artifact root for a new experiment in a local SQLite store (beside the database, not
-        in the working directory's ./mlruns); a tracking server picks its own."""
-        if not self.tracking_uri:
-            return (self.workdir.resolve() / "mlartifacts").as_uri()
-        if self.tracking_uri.startswith("sqlite:///"):
-            database = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()
-            return (database.parent / "mlartifacts").as_uri()
-        return None
+        """Artifact root for a new experiment (pipelines.runtime.artifact_root)."""
+        return artifact_root(self.resolved_tracking_uri)
 
     @property
     def checkpoint_root(self) -> Path:

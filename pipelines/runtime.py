@@ -1,0 +1,138 @@
+"""Where a run keeps its outputs and which services it talks to: one typed object, resolved once.
+
+With nothing configured everything is embedded on one machine: stores under `<workdir>/stores`,
+MLflow in `sqlite:///<workdir>/mlflow.db` (artifacts in `<workdir>/mlartifacts`), a Dask
+LocalCluster per stage, and Prefect's temporary local API with its home, database and task
+cache under `<workdir>/prefect`. The environment variables MLFLOW_TRACKING_URI,
+DASK_SCHEDULER_ADDRESS and PREFECT_API_URL move a run onto real servers; they are read by
+`RuntimeEnvironment` and nowhere else, once, where a run starts:
+
+    runtime = Runtime.from_environment()                 # the `segflow` command, a script
+    runtime = Runtime(workdir=Path("work")).resolved()   # the same, with the workdir given
+    runtime = Runtime(workdir=Path("/data/work"))        # explicit: reads no variable
+    runtime.mlflow_uri                                   # 'sqlite:////data/work/mlflow.db'
+
+Training and inference given no tracking URI use the same store, `default_tracking_uri`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.redaction import RedactedUri
+
+if TYPE_CHECKING:
+    from pipelines.cluster import ClusterConfig
+
+#: The workdir of a run that names none (relative: under the current directory).
+DEFAULT_WORKDIR = Path("segflow-work")
+SQLITE_PREFIX = "sqlite:///"
+
+
+def default_tracking_uri(workdir: Path = DEFAULT_WORKDIR) -> str:
+    """The embedded MLflow store of `workdir`: where training registers and inference looks
+    when neither is given a tracking URI.
+
+    >>> default_tracking_uri(Path("/data/work"))
+    'sqlite:////data/work/mlflow.db'
+    """
+    return f"{SQLITE_PREFIX}{workdir.expanduser().resolve() / 'mlflow.db'}"
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a `sqlite:///<path>` URI (SQLAlchemy's form: a fourth slash makes
+    the path absolute, a `?query` is not part of it); None for other stores and in-memory.
+
+    >>> sqlite_database("sqlite:////abs/x.db?mode=ro"), sqlite_database("sqlite:///rel/x.db")
+    (PosixPath('/abs/x.db'), PosixPath('rel/x.db'))
+    >>> sqlite_database("http://mlflow:5000") is None, sqlite_database("sqlite://") is None
+    (True, True)
+    """
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    path = uri.removeprefix(SQLITE_PREFIX).partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifact root for a new experiment of a SQLite store: `mlartifacts` beside the database
+    (not the working directory's ./mlruns); None for a server, which picks its own.
+
+    >>> artifact_root("sqlite:////data/work/mlflow.db")
+    'file:///data/work/mlartifacts'
+    """
+    database = sqlite_database(tracking_uri)
+    return None if database is None else (database.resolve().parent / "mlartifacts").as_uri()
+
+
+class RuntimeEnvironment(BaseSettings):
+    """The environment variables segflow reads, and the one place it reads them; an empty
+    variable counts as unset."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=True, env_ignore_empty=True)
+
+    tracking_uri: str | None = Field(default=None, validation_alias="MLFLOW_TRACKING_URI")
+    scheduler_address: str | None = Field(default=None, validation_alias="DASK_SCHEDULER_ADDRESS")
+    prefect_api_url: str | None = Field(default=None, validation_alias="PREFECT_API_URL")
+
+
+class Runtime(BaseModel):
+    """The workdir and services of a run; a service left None is embedded (or, by `resolved`,
+    taken from the environment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workdir: Path = DEFAULT_WORKDIR
+    #: MLflow tracking and registry URI; None = the embedded `default_tracking_uri(workdir)`.
+    tracking_uri: RedactedUri = None
+    #: A running Dask scheduler for every stage; None = each stage starts the LocalCluster its
+    #: own `cluster` settings describe.
+    scheduler_address: RedactedUri = None
+    #: A Prefect server's API; None = the active Prefect profile's, else a temporary local
+    #: server on `<workdir>/prefect` (flows.runtime).
+    prefect_api_url: RedactedUri = None
+
+    @classmethod
+    def from_environment(cls, **given: object) -> Runtime:
+        """The runtime of the fields `given` (a None value counts as not given), the others
+        from the environment (`RuntimeEnvironment`), else embedded."""
+        return cls(**{name: value for name, value in given.items() if value is not None}).resolved()
+
+    def resolved(self) -> Runtime:
+        """Absolute workdir, and the services left None filled from the environment."""
+        workdir = self.workdir.expanduser().resolve()
+        env = RuntimeEnvironment()
+        tracking_uri = self.tracking_uri or env.tracking_uri
+        if tracking_uri == default_tracking_uri(workdir):
+            tracking_uri = None  # the embedded store named explicitly
+        return Runtime(
+            workdir=workdir,
+            tracking_uri=tracking_uri,
+            scheduler_address=self.scheduler_address or env.scheduler_address,
+            prefect_api_url=self.prefect_api_url or env.prefect_api_url,
+        )
+
+    @property
+    def stores_dir(self) -> Path:
+        """Where ingested slide stores live."""
+        return self.workdir / "stores"
+
+    @property
+    def prefect_dir(self) -> Path:
+        """PREFECT_HOME of an embedded run: the temporary API's database and the task cache."""
+        return self.workdir / "prefect"
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The tracking (and registry) URI to talk to."""
+        return self.tracking_uri or default_tracking_uri(self.workdir)
+
+    def cluster(self, config: ClusterConfig) -> ClusterConfig:
+        """A stage's cluster settings, pointed at the run's scheduler when it has one."""
+        if self.scheduler_address is None:
+            return config
+        return config.model_copy(update={"scheduler_address": self.scheduler_address})
