@@ -48,13 +48,13 @@ class _Segments:
         self.sizes = np.zeros(0, np.int64)
         self.next_id = 1
 
-    def label(self, foreground: np.ndarray) -> np.ndarray:
-        """4-connected components of `foreground` with ids not used before (0 = background)."""
+    def label(self, foreground: np.ndarray) -> tuple[np.ndarray, int]:
+        """4-connected components of `foreground` (int32, 0 = background), and the offset
+        that turns them into ids not used before."""
         labels, n = ndimage.label(foreground)
-        labels = labels.astype(np.int64)
-        labels[labels > 0] += self.next_id - 1
+        offset = self.next_id - 1
         self.next_id += n
-        return labels
+        return labels, offset
 
     def fold(self, open_ids: np.ndarray) -> int:
         """Drop the segments not in `open_ids` (final); return their same-segment pair count."""
@@ -68,6 +68,20 @@ def _aggregate(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nda
     """Unique keys and the summed counts of each."""
     unique, inverse = np.unique(keys, return_inverse=True)
     return unique, np.bincount(inverse, weights=counts, minlength=unique.size).astype(np.int64)
+
+
+def _global(labels: np.ndarray, offset: int) -> np.ndarray:
+    """Block-local ids (0 = background) as slide-wide int64 ids."""
+    return np.where(labels > 0, labels.astype(np.int64) + offset, 0)
+
+
+def _overlaps(
+    true_labels: np.ndarray, pred_labels: np.ndarray, n_pred: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true id, predicted id or 0, px) for each pair of local ids that share px."""
+    codes = true_labels.astype(np.int64) * (n_pred + 1) + pred_labels
+    codes, counts = np.unique(codes, return_counts=True)
+    return codes // (n_pred + 1), codes % (n_pred + 1), counts.astype(np.int64)
 
 
 def _pair_codes(t: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,63 +156,77 @@ class SlideScores:
         self._both_fg += int(np.count_nonzero(true_fg & pred_fg))
         self._true_fg += int(np.count_nonzero(true_fg))
         self._pred_fg += int(np.count_nonzero(pred_fg))
-        true_ids, pred_ids = self._true.label(true_fg), self._pred.label(pred_fg)
-        self._join_neighbours(i, j, true_ids, pred_ids)
+        true_labels, t_off = self._true.label(true_fg)
+        pred_labels, p_off = self._pred.label(pred_fg)
         # Only px inside true foreground count (predicted background there: singletons).
-        self._add_overlaps(true_ids[true_fg], pred_ids[true_fg])
+        n_pred = self._pred.next_id - 1 - p_off  # segments in this block's prediction
+        t, p, n = _overlaps(true_labels[true_fg], pred_labels[true_fg], n_pred)
+        t, p = _global(t, t_off), _global(p, p_off)
+        edges = {
+            "top": (true_labels[0], pred_labels[0]),
+            "bottom": (true_labels[-1], pred_labels[-1]),
+            "left": (true_labels[:, 0], pred_labels[:, 0]),
+            "right": (true_labels[:, -1], pred_labels[:, -1]),
+        }
+        edges = {k: (_global(a, t_off), _global(b, p_off)) for k, (a, b) in edges.items()}
+        t_map, p_map = self._join_neighbours(i, j, edges)
+        self._add_overlaps(_relabel(t, *t_map), _relabel(p, *p_map), n)
         self._close()
 
-    def _join_neighbours(self, i: int, j: int, true_ids: np.ndarray, pred_ids: np.ndarray) -> None:
-        """Merge ids across the seams to neighbours already added; keep edges facing the rest."""
-        mine = {
-            ("row", i, j): (true_ids[0], pred_ids[0], (i - 1, j)),
-            ("row", i + 1, j): (true_ids[-1], pred_ids[-1], (i + 1, j)),
-            ("col", i, j): (true_ids[:, 0], pred_ids[:, 0], (i, j - 1)),
-            ("col", i, j + 1): (true_ids[:, -1], pred_ids[:, -1], (i, j + 1)),
+    def _join_neighbours(
+        self, i: int, j: int, edges: dict[str, tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """Merge ids across the seams to neighbours already added, keep edges facing the rest;
+        return the merges (true, predicted) as (ids, their new ids)."""
+        seams = {
+            "top": (("row", i, j), (i - 1, j)),
+            "bottom": (("row", i + 1, j), (i + 1, j)),
+            "left": (("col", i, j), (i, j - 1)),
+            "right": (("col", i, j + 1), (i, j + 1)),
         }
         links: dict[str, list[np.ndarray]] = {"t_a": [], "t_b": [], "p_a": [], "p_b": []}
-        for seam, (t_edge, p_edge, neighbour) in mine.items():
+        for side, (seam, neighbour) in seams.items():
             if not (0 <= neighbour[0] < self._grid[0] and 0 <= neighbour[1] < self._grid[1]):
                 continue
+            t_edge, p_edge = edges[side]
             if neighbour not in self._seen:
-                self._edges[seam] = (t_edge.copy(), p_edge.copy())
+                self._edges[seam] = (t_edge, p_edge)
                 continue
             t_other, p_other = self._edges.pop(seam)
-            for side, a, b in (("t", t_other, t_edge), ("p", p_other, p_edge)):
+            for name, a, b in (("t", t_other, t_edge), ("p", p_other, p_edge)):
                 both = (a > 0) & (b > 0)
-                links[f"{side}_a"].append(a[both])
-                links[f"{side}_b"].append(b[both])
-        if not links["t_a"]:
-            return
-        t_nodes, t_roots = _merge_map(np.concatenate(links["t_a"]), np.concatenate(links["t_b"]))
-        p_nodes, p_roots = _merge_map(np.concatenate(links["p_a"]), np.concatenate(links["p_b"]))
-        true_ids[...] = _relabel(true_ids, t_nodes, t_roots)
-        pred_ids[...] = _relabel(pred_ids, p_nodes, p_roots)
+                links[f"{name}_a"].append(a[both])
+                links[f"{name}_b"].append(b[both])
+        empty = np.zeros(0, np.int64)
+        t_map = _merge_map(
+            np.concatenate([empty, *links["t_a"]]), np.concatenate([empty, *links["t_b"]])
+        )
+        p_map = _merge_map(
+            np.concatenate([empty, *links["p_a"]]), np.concatenate([empty, *links["p_b"]])
+        )
         self._edges = {
-            seam: (_relabel(t, t_nodes, t_roots), _relabel(p, p_nodes, p_roots))
-            for seam, (t, p) in self._edges.items()
+            seam: (_relabel(t, *t_map), _relabel(p, *p_map)) for seam, (t, p) in self._edges.items()
         }
-        self._true.ids = _relabel(self._true.ids, t_nodes, t_roots)
-        self._pred.ids = _relabel(self._pred.ids, p_nodes, p_roots)
-        self._pair_t = _relabel(self._pair_t, t_nodes, t_roots)
-        self._pair_p = _relabel(self._pair_p, p_nodes, p_roots)
+        self._true.ids = _relabel(self._true.ids, *t_map)
+        self._pred.ids = _relabel(self._pred.ids, *p_map)
+        self._pair_t = _relabel(self._pair_t, *t_map)
+        self._pair_p = _relabel(self._pair_p, *p_map)
+        return t_map, p_map
 
-    def _add_overlaps(self, true_in: np.ndarray, pred_in: np.ndarray) -> None:
-        """Add one block's px inside true foreground to segment sizes and overlaps."""
-        ones = np.ones(true_in.size, np.int64)
-        counted = pred_in > 0
-        for segments, ids, n in (
-            (self._true, true_in, ones),
-            (self._pred, pred_in[counted], ones[counted]),
+    def _add_overlaps(self, t: np.ndarray, p: np.ndarray, n: np.ndarray) -> None:
+        """Add one block's overlaps (true id, predicted id or 0, px) to sizes and overlaps."""
+        counted = p > 0
+        for segments, ids, px in (
+            (self._true, t, n),
+            (self._pred, p[counted], n[counted]),
         ):
             segments.ids, segments.sizes = _aggregate(
-                np.concatenate([segments.ids, ids]), np.concatenate([segments.sizes, n])
+                np.concatenate([segments.ids, ids]), np.concatenate([segments.sizes, px])
             )
-        t = np.concatenate([self._pair_t, true_in[counted]])
-        p = np.concatenate([self._pair_p, pred_in[counted]])
-        n = np.concatenate([self._pair_n, ones[counted]])
+        t = np.concatenate([self._pair_t, t[counted]])
+        p = np.concatenate([self._pair_p, p[counted]])
         codes, t_ids, p_ids = _pair_codes(t, p)
-        codes, self._pair_n = _aggregate(codes, n)
+        codes, self._pair_n = _aggregate(codes, np.concatenate([self._pair_n, n[counted]]))
         width = max(p_ids.size, 1)
         self._pair_t, self._pair_p = t_ids[codes // width], p_ids[codes % width]
 
