@@ -244,10 +244,7 @@ def _train_config(args, runtime, paths, overrides):
 
     if paths:
         overrides = [f"stores=[{', '.join(map(str, existing(paths)))}]", *overrides]
-    config = load(TrainConfig, args.config, overrides)
-    config = config.model_copy(
-        update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
-    )
+    config = runtime.configure(load(TrainConfig, args.config, overrides))
     # Folders (and the default <workdir>/stores) expanded before the flow starts: a missing or
     # empty one fails in one line, and the flow's parameters name every store trained on.
     return config.model_copy(update={"stores": training_stores(config)})

@@ -132,7 +132,7 @@ def _train_stage(config: TrainConfig, summary: RunSummary) -> TrainResult | None
 def _infer_stage(
     stores: list[Path], model_uri: str, config: InferConfig, runtime: Runtime, summary: RunSummary
 ) -> None:
-    config = config.model_copy(update={"tracking_uri": runtime.mlflow_uri})
+    config = runtime.configure(config)
     try:
         pinned, _ = pin_model_uri(model_uri, runtime.mlflow_uri)
     except ValueError as exc:  # no such model or alias: every slide fails with that reason
@@ -180,9 +180,7 @@ def train_flow(train: TrainConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSum
     stores of which those with weight maps (and not named for validation) are trained on,
     by default those of `<workdir>/stores` (pipelines.training.stores)."""
     runtime = runtime.resolved()
-    config = train.model_copy(
-        update={"tracking_uri": runtime.tracking_uri, "workdir": runtime.workdir}
-    )
+    config = runtime.configure(train)
     # Expanded here too (training does it itself), so that the task's cache key names them.
     config = config.model_copy(update={"stores": training_stores(config)})
     summary = RunSummary("train")
@@ -238,14 +236,8 @@ def pipeline_flow(config: PipelineConfig, runtime: Runtime = DEFAULT_RUNTIME) ->
     weighted = [result.store for _, result in pairs if result is not None]
     train_stores, val_stores = _split(weighted, config)
     if train_stores:
-        train = TrainConfig.model_validate(
-            {
-                **config.train.model_dump(),
-                "stores": train_stores,
-                "val_stores": val_stores,
-                "tracking_uri": runtime.tracking_uri,
-                "workdir": runtime.workdir,
-            }
+        train = runtime.configure(
+            config.train.model_copy(update={"stores": train_stores, "val_stores": val_stores})
         )
         _train_stage(train, summary)
     else:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distributed import Client
 from mlflow.exceptions import MlflowException
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
@@ -23,12 +21,12 @@ from prefect.states import State
 
 from flows import progress
 from flows.outcomes import StageOutcome
-from flows.runtime import Runtime
 from flows.tasks import infer_task, ingest_slide_task, train_task, weights_task
-from pipelines.cluster import ClusterConfig, SchedulerLostError, dask_client
+from pipelines.cluster import SchedulerLostError, dask_client
 from pipelines.infer import SEGMENTATION_OUTPUT, InferConfig, InferResult, Segmenter
 from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult
 from pipelines.redaction import redact_text
+from pipelines.runtime import Runtime
 from pipelines.services import mlflow_client
 from pipelines.sources import SlideSource, name_clashes
 from pipelines.training.config import TrainConfig
@@ -111,10 +109,6 @@ def _outcome(stage: str, slide: str, state: State, result: Any, started: float) 
     )
 
 
-def _client(runtime: Runtime, cluster: ClusterConfig) -> AbstractContextManager[Client]:
-    return dask_client(runtime.cluster(cluster))
-
-
 def run_ingest(
     sources: Sequence[SlideSource], out_dir: Path, config: IngestConfig, runtime: Runtime
 ) -> list[tuple[StageOutcome, IngestResult | None]]:
@@ -128,7 +122,7 @@ def run_ingest(
     }
     ran = iter([])
     if todo:
-        with _client(runtime, config.cluster) as client:
+        with dask_client(runtime.configure(config).cluster) as client:
             calls = [
                 Call(s.name, {"source": s, "out_dir": out_dir, "config": config, "client": client})
                 for s in todo
@@ -146,7 +140,7 @@ def run_weights(
 
     if not stores:
         return []
-    with _client(runtime, config.cluster) as client:
+    with dask_client(runtime.configure(config).cluster) as client:
         calls = [_store_call(s, {"config": config, "client": client}) for s in stores]
         return run_tasks("weights", weights_task, calls, WEIGHT_MAPS.holds)
 
@@ -200,7 +194,7 @@ def run_infer(
     if not stores:
         return []
     with (
-        _client(runtime, config.cluster) as client,
+        dask_client(runtime.configure(config).cluster) as client,
         Segmenter(model_uri, config, client) as segmenter,
     ):
         calls = [_store_call(s, {"segmenter": segmenter}) for s in stores]

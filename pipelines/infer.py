@@ -55,6 +55,7 @@ from pipelines.inference.source import resolve_model
 from pipelines.ingest import SLIDE_STORE
 from pipelines.progress import RunProgress
 from pipelines.redaction import RedactedUri
+from pipelines.runtime import Runtime
 from pipelines.sources import find_stores
 from pipelines.stage import Identity, StageOutput, StageResult, error_line, run_archive
 from segcore.geometry import UNetGeometry
@@ -462,9 +463,13 @@ def infer_archive(
     model_uri: str | Path,
     config: InferConfig,
     client: Client | None = None,
+    runtime: Runtime | None = None,
 ) -> list[InferResult]:
     """Segment many slide stores (or every store in a folder); failures are reported per slide
-    and do not stop the others. Prints a summary table when `config.progress` is set."""
+    and do not stop the others. Prints a summary table when `config.progress` is set. A
+    `runtime` supplies the MLflow store and the Dask scheduler (`Runtime.configure`)."""
+    if runtime is not None:
+        config = runtime.configure(config)
     paths = find_stores([stores] if isinstance(stores, str | Path) else stores)
     results = _infer_all(paths, model_uri, config, client)
     if config.progress:

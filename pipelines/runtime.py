@@ -18,7 +18,7 @@ Training and inference given no tracking URI use the same store, `default_tracki
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +27,8 @@ from pipelines.redaction import RedactedUri
 
 if TYPE_CHECKING:
     from pipelines.cluster import ClusterConfig
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 #: The workdir of a run that names none (relative: under the current directory).
 DEFAULT_WORKDIR = Path("segflow-work")
@@ -136,3 +138,21 @@ class Runtime(BaseModel):
         if self.scheduler_address is None:
             return config
         return config.model_copy(update={"scheduler_address": self.scheduler_address})
+
+    def configure(self, config: ConfigT) -> ConfigT:
+        """A stage's configuration with this run's services in it: the one rule for what a
+        runtime decides over a stage. Of the fields a stage has, `cluster` is pointed at the
+        run's scheduler, `tracking_uri` at its MLflow store and `workdir` at its workdir.
+
+        Example: Runtime(workdir=Path("/w")).configure(InferConfig()).tracking_uri
+        -> 'sqlite:////w/mlflow.db'.
+        """
+        fields = type(config).model_fields
+        update: dict[str, object] = {}
+        if "cluster" in fields:
+            update["cluster"] = self.cluster(config.cluster)
+        if "tracking_uri" in fields:
+            update["tracking_uri"] = self.mlflow_uri
+        if "workdir" in fields:
+            update["workdir"] = self.workdir
+        return config.model_copy(update=update)

@@ -52,6 +52,7 @@ from pipelines.training.tracking import (
 from segcore.checkpoint import save_unet, unet_state_dict
 from segcore.geometry import UNetGeometry
 from segcore.normalization import Normalization
+from segcore.stain import stain_statistics
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "end_process_runs", "main", "train"]
 
@@ -87,6 +88,19 @@ def _normalization(
     rng = np.random.default_rng([config.seed, 0x6E6F726D])  # a stream of its own ("norm")
     positions = datamodule.sampler(rank=0).positions(rng, NORMALIZATION_TILES)
     return estimate_normalization(datamodule.dataset(), positions)
+
+
+def _stain_statistics(config: TrainConfig, datamodule: SlideTileDataModule) -> dict | None:
+    """H, E and D concentration statistics of seeded training tiles (segcore.stain), kept with
+    the model so a user can tell how far a new slide's staining is from what it learned;
+    None for images that are not RGB."""
+    if datamodule.channels != 3:
+        return None
+    rng = np.random.default_rng([config.seed, 0x7374616E])  # a stream of its own ("stan")
+    positions = datamodule.sampler(rank=0).positions(rng, NORMALIZATION_TILES)
+    dataset = datamodule.dataset()
+    tiles = (dataset[p]["image"].numpy().astype(np.uint8) for p in positions)
+    return stain_statistics(tiles)
 
 
 def _unet_config(config: TrainConfig, channels: int) -> dict:
@@ -134,7 +148,7 @@ def _finish_run(
         checkpoint, val_iou = last_path, float("nan")
     _load_best_weights(module, checkpoint)
     exported = module.exported_unet()
-    metadata = model_metadata(exported, module.normalization, tile)
+    metadata = model_metadata(exported, module.normalization, tile, tracker.extra_params["stain"])
     weights = tracker.run_dir / WEIGHTS_FILE
     save_unet(exported, weights, extra={"metadata": metadata})
     registration = log_and_register(
@@ -166,9 +180,12 @@ def _finish_run(
     }
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train, checkpoint, track and register one U-Net as `config` says; the process's MLflow
-    setting and environment are as they were when it returns (training.process_state)."""
+def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
+    """Train, checkpoint, track and register one U-Net as `config` says (in `runtime`'s
+    workdir and MLflow store when given); the process's MLflow setting and environment are as
+    they were when it returns (training.process_state)."""
+    if runtime is not None:
+        config = runtime.configure(config)
     with process_state_kept():
         return _train(config)
 
@@ -190,6 +207,8 @@ def _train(config: TrainConfig) -> TrainResult:
     geometry = UNetGeometry(depth=config.model.depth, padding=config.model.padding)
     tile = tile_shape(geometry, config.tile_size, config.output_size)
     datamodule = SlideTileDataModule(config, geometry, tile)
+    if config.augment_enabled:
+        config.augment.check_channels(datamodule.channels)  # before any work, in one line
     normalization = _normalization(config, datamodule, resume_payload)
     module = _build_module(config, tile, datamodule.channels, normalization)
 
@@ -207,7 +226,11 @@ def _train(config: TrainConfig) -> TrainResult:
     checkpoints = [c for c in (last, best) if c is not None]
     tracker = RunTracker(
         config,
-        extra_params={"tile": asdict(tile), "normalization": normalization.model_dump()},
+        extra_params={
+            "tile": asdict(tile),
+            "normalization": normalization.model_dump(),
+            "stain": _stain_statistics(config, datamodule),
+        },
         resumed=resume is not None,
         checkpoints=checkpoints,
     )

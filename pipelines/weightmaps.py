@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 from pipelines.cluster import ClusterConfig, dask_client, default_in_flight, map_bounded
 from pipelines.config import output_settings
 from pipelines.ingest import SLIDE_STORE
+from pipelines.runtime import Runtime
 from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
 from pipelines.storage import install, remove_stale_siblings, temporary_sibling
 from segcore import ngff
@@ -284,11 +285,17 @@ def compute_weight_maps(
 
 
 def weights_archive(
-    stores: Sequence[Path], config: WeightsConfig | None = None, progress: bool = False
+    stores: Sequence[Path],
+    config: WeightsConfig | None = None,
+    progress: bool = False,
+    runtime: Runtime | None = None,
 ) -> list[WeightsResult]:
-    """Weight maps of many labelled stores on one cluster; one result per store, a store that
-    fails "failed" with its one-line error while the others go on."""
+    """Weight maps of many labelled stores on one cluster (on `runtime`'s scheduler when it
+    names one); one result per store, a store that fails "failed" with its one-line error
+    while the others go on."""
     config = config or WeightsConfig()
+    if runtime is not None:
+        config = runtime.configure(config)
     if not stores:
         raise WeightsError("no stores given: name at least one labelled slide store")
     with dask_client(config.cluster) as client:

@@ -198,3 +198,24 @@ def test_quiet_logging_leaves_warning_capture_as_it_was(capturing):
         assert (logging._warnings_showwarning is not None) == capturing
     finally:
         logging.captureWarnings(False)
+
+
+def test_a_runtime_configures_every_stage_by_one_rule(clean_env, tmp_path):
+    from pipelines.ingest import IngestConfig
+    from pipelines.weightmaps import WeightsConfig
+
+    runtime = Runtime(workdir=tmp_path, scheduler_address="tcp://10.0.0.1:8786")
+    infer = runtime.configure(InferConfig(batch_size=2))
+    assert infer.tracking_uri == runtime.mlflow_uri == default_tracking_uri(tmp_path)
+    assert infer.cluster.scheduler_address == "tcp://10.0.0.1:8786"
+    # Only the services change: the stage's own settings, its cluster's included, stay.
+    assert infer.batch_size == 2 and not infer.cluster.processes
+    for config in (IngestConfig(), WeightsConfig()):
+        configured = runtime.configure(config)
+        assert configured.cluster.scheduler_address == "tcp://10.0.0.1:8786"
+        assert configured.model_copy(update={"cluster": config.cluster}) == config
+    train = runtime.configure(TrainConfig(max_steps=3))
+    assert (train.workdir, train.resolved_tracking_uri) == (tmp_path, runtime.mlflow_uri)
+    assert train.max_steps == 3
+    embedded = Runtime(workdir=tmp_path).configure(WeightsConfig())
+    assert embedded.cluster == WeightsConfig().cluster

@@ -28,6 +28,7 @@ from pipelines.cluster import dask_client
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.writer import write_store
 from pipelines.progress import RunProgress
+from pipelines.runtime import Runtime
 from pipelines.sources import (
     IngestError,
     SlideSource,
@@ -136,11 +137,14 @@ def ingest_archive(
     config: IngestConfig | None = None,
     client: Client | None = None,
     progress: bool = False,
+    runtime: Runtime | None = None,
 ) -> list[IngestResult]:
     """Ingest many slides (stacks expanded into pages), `config.parallel_slides` at a time on
-    one Dask cluster (`client`, or one started from `config.cluster`); one result per slide,
-    a bad slide "failed" with its one-line error."""
+    one Dask cluster (`client`, or one started from `config.cluster`, on `runtime`'s scheduler
+    when it names one); one result per slide, a bad slide "failed" with its one-line error."""
     config = config or IngestConfig()
+    if runtime is not None:
+        config = runtime.configure(config)
     out_dir = Path(out_dir)
     expanded: list[SlideSource | IngestResult] = []
     for source in sources:
