@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
-from train_stores import disk_store, tiny_config
+from train_stores import disk_store, synthetic_store, tiny_config
 
 from pipelines.models import ModelLoadError, load_model
 from pipelines.train import TrainConfig, TrainResult, train
@@ -152,3 +152,22 @@ def test_two_trainings_in_one_process_keep_to_their_own_stores(tmp_path, monkeyp
         assert client.get_run(result.run_id).info.status == "FINISHED"
         versions = client.search_model_versions(f"name='{config.registered_model_name}'")
         assert [int(v.version) for v in versions] == [1]  # each store registered its own
+
+
+def test_rgb_models_keep_their_stain_statistics_and_grey_refuses_stain_jitter(tmp_path):
+    rgb = synthetic_store(tmp_path / "rgb.zarr", size=96)
+    jitter = {"stain_sigma": 0.05, "stain_bias": 0.02}
+    config = TrainConfig.model_validate(
+        tiny_config(tmp_path, [rgb], [], max_steps=2, augment=jitter)
+    )
+    result = train(config)
+    stain = torch.load(result.weights, weights_only=True)["metadata"]["input"]["stain_statistics"]
+    # Synthetic H&E: haematoxylin-dark nuclei on eosin-pink tissue.
+    assert stain["h_mean"] > 0 and stain["e_mean"] > 0 and 0 < stain["tissue_fraction"] <= 1
+    params = MlflowClient(config.resolved_tracking_uri).get_run(result.run_id).data.params
+    assert float(params["stain.h_mean"]) == pytest.approx(stain["h_mean"], rel=1e-6)
+
+    grey = disk_store(tmp_path / "grey.zarr", size=96, seed=0)
+    config = TrainConfig.model_validate(tiny_config(tmp_path / "g", [grey], [], augment=jitter))
+    with pytest.raises(ValueError, match="stain jitter .* needs RGB images, got 1 channel"):
+        train(config)

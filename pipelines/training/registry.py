@@ -43,8 +43,11 @@ class Registration:
     aliases: tuple[str, ...]
 
 
-def model_metadata(model: UNet, normalization: Normalization, tile: TileShape) -> dict:
-    """What inference needs beside the weights: config, geometry, expected input."""
+def model_metadata(
+    model: UNet, normalization: Normalization, tile: TileShape, stain: dict | None = None
+) -> dict:
+    """What inference needs beside the weights: config, geometry, expected input (with the
+    training tiles' H&E stain statistics for RGB models, `segcore.stain.stain_statistics`)."""
     geometry = model.geometry
     smallest = geometry.valid_input_size(1)
     second = geometry.valid_input_size(geometry.output_size(smallest) + 1)
@@ -66,6 +69,7 @@ def model_metadata(model: UNet, normalization: Normalization, tile: TileShape) -
             "scale": "raw pixel values 0..255 (uint8 cast to float); normalisation is folded in",
             "normalization_mean": normalization.mean,
             "normalization_std": normalization.std,
+            "stain_statistics": stain,
         },
         "classes": ["background", "cell"][: model.config.n_classes],
     }
