@@ -318,10 +318,10 @@ class BlockDataset(Dataset):
     ) -> None:
         self.regions = regions
         self.counts = counts
-        self.tile_size = tile_size
         self.plans = [
             plan_slide((r.height, r.width), geometry, tile_size, block_size) for r in regions
         ]
+        self.grids = [(block_edges(p, axis=0), block_edges(p, axis=1)) for p in self.plans]
         self.items = [
             (index, block)
             for index, plan in enumerate(self.plans)
@@ -335,7 +335,7 @@ class BlockDataset(Dataset):
         index, block = self.items[item]
         if not self.counts[index]:
             return {"index": index, "count": 0}
-        region, plan = self.regions[index], self.plans[index]
+        region, (row_edges, col_edges) = self.regions[index], self.grids[index]
         store = SlideStore(region.store)
         image = store.image(0)
         height, width = image.shape[1:]
@@ -348,8 +348,8 @@ class BlockDataset(Dataset):
         return {
             "index": index,
             "count": 1,
-            "row_edges": block_edges(plan, axis=0),
-            "col_edges": block_edges(plan, axis=1),
+            "row_edges": row_edges,
+            "col_edges": col_edges,
             "block": block.index,
             # Plain values: Lightning's batch transfer rejects frozen dataclasses like TilePlan.
             "tiles": asdict(block.tiles),
