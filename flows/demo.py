@@ -48,6 +48,12 @@ SLIDES = (
     DemoSlide("demo-4", 2048, 4, False),
 )
 
+#: Said on screen and in the run's artifact: a synthetic score is not a model's quality.
+WIRING_NOTE = (
+    "synthetic slides: these scores check that the stages fit together, not how good the model "
+    "is; for that, see benchmarks/monuseg.py (H&E nuclei) and benchmarks/isbi2012.py (EM)"
+)
+
 #: Small enough to train in about a minute on 2 CPU cores, big enough to find the nuclei.
 DEMO_CONFIG = {
     "train": {
@@ -63,6 +69,7 @@ DEMO_CONFIG = {
     },
     "infer": {"batch_size": 4},
     "holdout": 1,
+    "note": WIRING_NOTE,
 }
 
 
@@ -141,6 +148,7 @@ def _report(console, runtime, summary, flow_run_id, overlays, scores, started) -
             f"  {name} (no labels given) against its hidden truth: IoU {score['iou']:.4f}, "
             f"Dice {score['dice']:.4f}, pixel error {score['pixel_error']:.2e}"
         )
+    console.print(f"  note: {WIRING_NOTE}")
     console.print()
     console.print("[bold]Where things are[/]")
     console.print(f"  slide stores (OME-Zarr):  {runtime.stores_dir}")

@@ -62,6 +62,8 @@ class PipelineConfig(BaseModel):
     #: Labelled slides (the last by name) held out of training to validate on and pick the
     #: champion by, when `train.val_stores` is empty and more than this many are labelled.
     holdout: int = Field(default=1, ge=0)
+    #: A line for the run's artifact, e.g. what its scores mean.
+    note: str | None = None
 
 
 # Defaults shown in the Prefect UI; never mutated (flows derive copies).
@@ -229,6 +231,8 @@ def pipeline_flow(config: PipelineConfig, runtime: Runtime = DEFAULT_RUNTIME) ->
     U-Net, and segment every slide with the champion that results."""
     runtime = runtime.resolved()
     summary = RunSummary("pipeline")
+    if config.note:
+        summary.notes.append(config.note)
     stores = _ingest_stage([config.archive], config.ingest, runtime, summary)
     labelled = sorted(s for s in stores if is_labelled(s))
     pairs = run_weights(labelled, config.weights, runtime)

@@ -20,7 +20,7 @@ from flows.cli import build_parser, main
 from flows.config_help import COMMAND_STAGES, EXAMPLES, STAGE_CONFIGS, config_keys, stage_config
 from flows.configs import load
 from flows.console import print_report
-from flows.demo import DEMO_CONFIG
+from flows.demo import DEMO_CONFIG, WIRING_NOTE
 from flows.outcomes import RunSummary, StageOutcome, TrainedModel
 from flows.pipeline import CHAMPION, PipelineConfig
 from pipelines.train import TrainConfig, train
@@ -32,6 +32,8 @@ from segcore.store import StoreError
 def test_the_demo_registers_the_model_infer_uses_by_default(tmp_path):
     config = load(PipelineConfig, None, [], {"archive": str(tmp_path), **DEMO_CONFIG})
     assert f"models:/{config.train.registered_model_name}@champion" == CHAMPION
+    # Its artifact says what a synthetic score means, and where real ones are measured.
+    assert config.note == WIRING_NOTE and "benchmarks/monuseg.py" in config.note
 
 
 def test_run_names_do_not_follow_the_seed():
