@@ -37,8 +37,8 @@ def augment_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-#: Longest side of the validation overlay; tracking.overlay_image caps it at the same 1024 px,
-#: so the thumbnail reaches it unchanged.
+#: Longest side of the validation overlay: the thumbnail is built at this size and
+#: tracking.overlay_image caps what it draws at it.
 OVERLAY_SIDE = 1024
 
 

@@ -30,14 +30,13 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pipelines.config import dump_config
 from pipelines.redaction import redact_tree
 from pipelines.training.config import TrainConfig
-from pipelines.training.module import OverlaySample, UNetModule
+from pipelines.training.module import OVERLAY_SIDE, OverlaySample, UNetModule
 from segcore.store import SlideStore
 
 RUN_RECORD = "run.json"
 LAST_CHECKPOINT = "last.ckpt"
 #: MLflow accepts up to 6000 characters per param value.
 PARAM_VALUE_LIMIT = 6000
-OVERLAY_MAX_SIDE = 1024
 
 
 def unique_run_name(registered_name: str, now: datetime | None = None) -> str:
@@ -154,7 +153,7 @@ def overlay_image(sample: OverlaySample) -> np.ndarray:
     colour[target & ~pred] = (0.0, 0.3, 1.0)
     marked = (target | pred)[..., None]
     out = np.where(marked, 0.6 * base + 0.4 * colour, base)
-    step = max(1, -(-max(out.shape[:2]) // OVERLAY_MAX_SIDE))
+    step = max(1, -(-max(out.shape[:2]) // OVERLAY_SIDE))
     return (out[::step, ::step] * 255).round().astype(np.uint8)
 
 
