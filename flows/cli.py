@@ -7,10 +7,12 @@
     segflow infer [STORES_OR_FOLDERS...] [--model URI] [--archive DIR] [--config infer.yaml] ...
     segflow run [ARCHIVE | --manifest pairs.csv] [--config pipeline.yaml] [key=value ...]
     segflow serve [ARCHIVE] [--config pipeline.yaml] [--cron "0 2 * * *"] [key=value ...]
+    segflow export [STORES_OR_FOLDERS...] [--format geojson|table|both] [--out DIR]
     segflow demo
     segflow config [STAGE]      every configuration key of a command: type, default, meaning
 
-Every command runs as a Prefect flow (flows.pipeline) and reads the environment only here:
+Every command but `export` (a plain library call, pipelines.export) runs as a Prefect flow
+(flows.pipeline); every command reads the environment only here:
 PREFECT_API_URL, MLFLOW_TRACKING_URI and DASK_SCHEDULER_ADDRESS (or --tracking-uri,
 --scheduler) move it onto real servers; with none set it runs on embedded defaults under
 --workdir. Bad input ends with `segflow: error: <file>: <problem>` and a non-zero exit;
@@ -40,8 +42,9 @@ MANIFEST_HELP = (
 )
 
 
-def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
-    parser.add_argument("--config", type=Path, help=config_help)
+def _common(parser: argparse.ArgumentParser, config_help: str | None) -> None:
+    if config_help is not None:
+        parser.add_argument("--config", type=Path, help=config_help)
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -139,6 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--cron", default="0 2 * * *", help="nightly schedule (default: %(default)s)"
             )
+
+    export = commands.add_parser(
+        "export", help="instances -> QuPath GeoJSON and a per-object measurement table"
+    )
+    export.add_argument(
+        "items",
+        nargs="*",
+        metavar="STORE|FOLDER",
+        help="segmented stores, or folders of stores (default: <workdir>/stores)",
+    )
+    export.add_argument(
+        "--format",
+        choices=["geojson", "table", "both"],
+        default="both",
+        help="GeoJSON FeatureCollection, measurement table (Parquet), or both "
+        "(default: %(default)s)",
+    )
+    export.add_argument(
+        "--out", type=Path, help="folder of the exported files (default: each store's folder)"
+    )
+    _common(export, None)
 
     demo = commands.add_parser("demo", help="synthetic archive -> whole pipeline -> overlays")
     _common(demo, "YAML file of PipelineConfig fields to use instead of the demo's")
@@ -347,6 +371,36 @@ def _serve(args, runtime, paths, overrides) -> int:
     return 0
 
 
+def _export(args, runtime, paths, overrides) -> int:
+    from contextlib import nullcontext
+
+    from pipelines.cluster import ClusterConfig, dask_client
+    from pipelines.export import FORMATS, ExportSource, export_store
+    from pipelines.sources import ready_stores
+    from segcore.store import INSTANCES, LABELS_GROUP
+
+    if overrides:
+        raise UsageError(f"export: no key=value settings, got {overrides[0]}")
+    stores = ready_stores(
+        paths or [runtime.stores_dir],
+        lambda store: (store / LABELS_GROUP / INSTANCES / "0" / "zarr.json").is_file(),
+        "has instances (run segflow infer first)",
+    )
+    for store in stores:  # every store checked before a file is written
+        ExportSource.open(store)
+    formats = FORMATS if args.format == "both" else (args.format,)
+    cluster = dask_client(runtime.cluster(ClusterConfig())) if runtime.scheduler_address else None
+    with cluster or nullcontext() as client:
+        for store in stores:
+            result = export_store(store, args.out, formats, client)
+            print(
+                f"{store}: {result.n_objects} objects ({result.n_crossing} across chunk faces) "
+                f"-> {', '.join(map(str, result.files))} in {result.seconds:.1f} s",
+                flush=True,
+            )
+    return 0
+
+
 def _demo(args, runtime, paths, overrides) -> int:
     from flows.demo import run_demo
     from pipelines.storage import writable_folder
@@ -394,6 +448,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "infer": _infer,
     "run": _run_pipeline,
     "serve": _serve,
+    "export": _export,
     "demo": _demo,
 }
 
