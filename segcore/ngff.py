@@ -1,8 +1,11 @@
 """OME-Zarr (NGFF 0.5 on Zarr v3) writing helpers: image and label pyramids with metadata.
 
 A pyramid is a set of arrays "0", "1", ... in one group, level k+1 halving level k along y and
-x (rounding up, so no edge pixel is lost), all chunked alike. The metadata comes from
-ome-zarr's own writers, so ome-zarr readers and napari see every level and every label.
+x (rounding up, so no edge pixel is lost), all chunked alike. A label has as many levels as
+its image, as NGFF 0.5 requires; one coarser than the image (the tissue mask) repeats its grid
+at the finer levels (`label_factors`). The metadata comes from ome-zarr's own writers, so
+ome-zarr readers and napari see every level and every label, and the stores validate with
+ome-zarr-models (tests/test_ngff_validation.py).
 
 Building a pyramid is split so that any scheduler can run it: `level_regions` cuts a level into
 chunk-aligned regions, and `downsample_region` fills one region of level k+1 from level k, so
@@ -194,36 +197,49 @@ def downsample_array(src: zarr.Array | np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-def _scales(ndim: int, n_levels: int, step: float) -> list[dict]:
+def label_factors(n_levels: int, downsample: int = 1) -> list[int]:
+    """Level-0 image px per label px at each of a label's `n_levels` levels, for a label whose
+    level 0 covers the image at 1/`downsample`: its own grid at the image levels finer than it
+    (2^k < `downsample`), then halving level by level with the image. For a power of two
+    that is max(2^k, `downsample`): from there on, the image level's own grid.
+
+    NGFF 0.5 gives every label as many levels as its image; a coarse label (the tissue mask)
+    repeats its grid where the image is finer, so each level's scale says what it holds.
+    Example: label_factors(5, 4) -> [4, 4, 4, 8, 16]; label_factors(3) -> [1, 2, 4].
+    """
+    finer = (downsample - 1).bit_length()  # image levels finer than the label: ceil(log2)
+    return [downsample << max(0, k - finer) for k in range(n_levels)]
+
+
+def _scales(ndim: int, factors: Sequence[int], pixel_size: float) -> list[dict]:
     return [
         {
             "path": str(k),
             "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0] * (ndim - 2) + [step * 2**k] * 2}
+                {"type": "scale", "scale": [1.0] * (ndim - 2) + [pixel_size * factor] * 2}
             ],
         }
-        for k in range(n_levels)
+        for k, factor in enumerate(factors)
     ]
 
 
 def write_multiscales(
     group: zarr.Group,
     axes: str,
-    n_levels: int,
+    factors: Sequence[int],
     mpp: float | None,
-    downsample: int = 1,
     method: Method = "mean",
     omero: dict | None = None,
 ) -> None:
-    """NGFF "multiscales" for levels "0".."n-1" of `group`: level k is 2^k x `downsample`
-    level-0 pixels, in micrometres when `mpp` is known."""
+    """NGFF "multiscales" for levels "0".."n-1" of `group`: a pixel of level k is `factors[k]`
+    level-0 image pixels across, in micrometres when `mpp` is known."""
     metadata: dict = {"method": "segcore.ngff.downsample2", "kwargs": {"method": method}}
     if omero is not None:
         metadata["omero"] = omero
     units = {"y": "micrometer", "x": "micrometer"} if mpp else None
     _write_multiscales_metadata(
         group,
-        _scales(len(axes), n_levels, (mpp or 1.0) * downsample),
+        _scales(len(axes), factors, mpp or 1.0),
         fmt=_FORMAT,
         axes=list(axes),
         axes_units=units,
@@ -290,7 +306,8 @@ def create_image(
     dtype = np.dtype(dtype)
     shapes = pyramid_shapes(shape, min_level_size)
     arrays = _create_levels(root, shapes, dtype, chunk_size, compression, "cyx", False)
-    write_multiscales(root, "cyx", len(shapes), mpp, omero=_omero(shape[0], dtype))
+    factors = [1 << k for k in range(len(shapes))]
+    write_multiscales(root, "cyx", factors, mpp, omero=_omero(shape[0], dtype))
     return arrays
 
 
@@ -312,23 +329,28 @@ def create_label(
     multiscales and "image-label" metadata, listed once in `labels` (re-creating a label with
     `overwrite=True` replaces it).
 
+    `n_levels` is the image's level count (NGFF 0.5 requires the same for every label).
     `shape` is level 0 of the label, which covers the image at 1/`downsample` resolution (the
-    tissue mask, for example); `colors` are NGFF {"label-value", "rgba"} entries.
+    tissue mask, for example); levels keep that grid while the image's are finer
+    (`label_factors`); with a power-of-two `downsample`, level k has the shape of image level k
+    wherever it is not finer.
+    `colors` are NGFF {"label-value", "rgba"} entries.
+
+    Example: a (3, 2967, 2220) image with 3 levels and a tissue mask at 1/2, shape
+    (1484, 1110): label levels (1484, 1110), (1484, 1110), (742, 555).
     """
     labels = root.require_group(LABELS_GROUP)
     names = [n for n in get_metadata(labels).get("labels", []) if n != name]
     add_metadata(labels, {"version": _FORMAT.version, "labels": names}, fmt=_FORMAT)
     group = labels.create_group(name, overwrite=overwrite)
+    factors = label_factors(n_levels, downsample)
+    shapes = [tuple(int(n) for n in shape)]
+    for previous, factor in zip(factors, factors[1:], strict=False):
+        shapes.append(shapes[-1] if factor == previous else level_shapes(shapes[-1], 2)[1])
     arrays = _create_levels(
-        group,
-        level_shapes(shape, n_levels),
-        np.dtype(dtype),
-        chunk_size,
-        compression,
-        "yx",
-        overwrite,
+        group, shapes, np.dtype(dtype), chunk_size, compression, "yx", overwrite
     )
-    write_multiscales(group, "yx", n_levels, mpp, downsample, method="nearest")
+    write_multiscales(group, "yx", factors, mpp, method="nearest")
     write_label_metadata(
         labels,
         name,

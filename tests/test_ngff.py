@@ -1,5 +1,6 @@
 """segcore.ngff: pyramids built region by region equal whole-array downsampling, and the stores
-validate as NGFF 0.5 images with labels in ome-zarr's own reader."""
+read as NGFF 0.5 images with labels in ome-zarr's own reader (tests/test_ngff_validation.py
+runs an independent validator on the stores the stages write)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ def test_pyramid_shapes_worked_example():
     assert shapes[-1] == (3, 1250, 938)
     assert ngff.pyramid_shapes((1, 512, 512), 1024) == [(1, 512, 512)]
     assert ngff.level_shapes((5, 7), 3) == [(5, 7), (3, 4), (2, 2)]
+
+
+def test_label_factors_follow_the_image_where_it_is_coarser():
+    assert ngff.label_factors(5, 4) == [4, 4, 4, 8, 16]
+    assert ngff.label_factors(3) == [1, 2, 4]
+    assert ngff.label_factors(2, 16) == [16, 16]
+    assert ngff.label_factors(4, 3) == [3, 3, 3, 6]  # 4 > 3 px: halving starts after
 
 
 def _reference_mean(block: np.ndarray) -> np.ndarray:
@@ -76,9 +84,12 @@ def test_store_validates_as_image_with_labels(tmp_path):
     ngff.create_label(
         root, "annotations", (300, 200), "uint32", len(levels), chunk_size=64, mpp=0.5
     )
-    ngff.create_label(root, "tissue", (38, 25), "uint8", 1, mpp=0.5, downsample=8)
+    ngff.create_label(root, "tissue", (75, 50), "uint8", len(levels), mpp=0.5, downsample=4)
     # Re-creating a label (inference re-runs) replaces it without listing it twice.
-    ngff.create_label(root, "tissue", (38, 25), "uint8", 1, mpp=0.5, downsample=8, overwrite=True)
+    tissue_levels = ngff.create_label(
+        root, "tissue", (150, 100), "uint8", len(levels), mpp=0.5, downsample=2, overwrite=True
+    )
+    assert [a.shape for a in tissue_levels] == [(150, 100), (150, 100), (75, 50)]
 
     nodes = list(Reader(parse_url(str(path)))())
     image = nodes[0]
@@ -98,8 +109,11 @@ def test_store_validates_as_image_with_labels(tmp_path):
     assert scales == [[1.0, 0.5, 0.5], [1.0, 1.0, 1.0], [1.0, 2.0, 2.0]]
     assert [a.get("unit") for a in multiscales["axes"]] == [None, "micrometer", "micrometer"]
     tissue = zarr.open_group(path / "labels" / "tissue").attrs["ome"]
-    assert tissue["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
-        4.0,
-        4.0,
+    datasets = tissue["multiscales"][0]["datasets"]
+    # The mask's own 1 um grid where the image is finer, then the image's 2 um.
+    assert [d["coordinateTransformations"][0]["scale"] for d in datasets] == [
+        [1.0, 1.0],
+        [1.0, 1.0],
+        [2.0, 2.0],
     ]
     assert tissue["image-label"]["source"] == {"image": "../../"}
