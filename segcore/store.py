@@ -9,15 +9,20 @@
       labels/
         zarr.json          attributes["ome"]["labels"] = names of the label images below
         annotations/0..    instance ids (y, x) uint32, 0 = background (only when labelled)
-        tissue/0           tissue mask (y, x) uint8 at 1 / tissue_downsample of level 0
+        tissue/0..         tissue mask (y, x) uint8, level 0 at 1 / tissue_downsample of image
+                           level 0 (what readers use); one level per image level, the mask's
+                           grid repeated where the image is finer (segcore.ngff.label_factors)
         segmentation/0..   class map (y, x) uint8, written by inference
         instances/0..      instance ids (y, x) uint32, written by inference
       training/
         target             class map (y, x) uint8 for training, from annotations
         weight             loss weight map (y, x) float32 (w_c + border term)
 
-Every label image carries its own "multiscales" metadata and "image-label" source link, so
-napari and ome-zarr readers show all levels (segcore.ngff writes both).
+Every label image carries its own "multiscales" metadata, with as many levels as the image,
+and an "image-label" source link, so napari and ome-zarr readers show all levels and the store
+is valid NGFF 0.5 (segcore.ngff writes both). Stores ingested before the tissue label had a
+level per image level still read (readers use its level 0) but fail NGFF validators when the
+image has several levels; ingesting them again with `overwrite=true` fixes that.
 
 attributes["segflow"], written last by pipelines.ingest: store_format, source, source_bytes,
 labels_source, labels_bytes, page, checksum (sha256 over the source files' sha256s,

@@ -160,7 +160,8 @@ def _write_labels(
 def _write_tissue(
     root: zarr.Group, levels: list[zarr.Array], mpp: float | None, config: IngestConfig
 ) -> tuple[int, float]:
-    """labels/tissue at 1/tissue_downsample of level 0; returns (downsample, fraction)."""
+    """labels/tissue: level 0 the mask at 1/tissue_downsample of image level 0, then as many
+    levels as the image has (`ngff.create_label`); returns (downsample, fraction)."""
     downsample = tissue_downsample(levels[0].shape, config.tissue.max_size)
     k = min(downsample.bit_length() - 1, len(levels) - 1)
     factor = downsample >> k
@@ -170,12 +171,12 @@ def _write_tissue(
     else:
         coarse = source[...]
     mask = tissue_mask(coarse, config.tissue)
-    (array,) = ngff.create_label(
+    arrays = ngff.create_label(
         root,
         TISSUE,
         mask.shape,
         np.uint8,
-        1,
+        len(levels),
         chunk_size=max(mask.shape),
         compression=config.compression,
         mpp=mpp,
@@ -183,7 +184,11 @@ def _write_tissue(
         colors=[{"label-value": 1, "rgba": [0, 200, 0, 96]}],
         properties=[{"label-value": 1, "class": "tissue"}],
     )
-    array[...] = mask.astype(np.uint8)
+    level = mask.astype(np.uint8)
+    for array in arrays:
+        if array.shape != level.shape:
+            level = ngff.downsample2(level, "nearest")
+        array[...] = level
     return downsample, float(mask.mean())
 
 
