@@ -195,7 +195,14 @@ def _ensure_group(path: Path, attrs: dict) -> zarr.Group:
 
 def install_run(work: WorkGroup, output: Path, image_store: Path, probabilities: bool) -> None:
     """Move the finished groups into `output` and list the labels there (idempotent); an older
-    run's probabilities go when this run wrote none, as they belong to the result replaced."""
+    run's probabilities go when this run wrote none, as they belong to the result replaced.
+
+    In the slide store, the labels join the image's (valid NGFF 0.5: as many levels as the
+    image) and `probabilities` is an NGFF image of its own beside them. An `output` elsewhere
+    holds only labels: NGFF has no image group whose pixels live in another store, so its root
+    is a plain Zarr group, and its `labels` group is NGFF labels that link to the image by a
+    relative `source` path (ome-zarr's reader follows it when a label is opened). Checked with
+    ome-zarr-models in tests/test_ngff_validation.py."""
     _ensure_group(output, {"segflow": {"source": str(image_store)}})
     labels = _ensure_group(output / LABELS_GROUP, {})
     for name in (SEGMENTATION, INSTANCES):
