@@ -3,7 +3,6 @@ a viewer: cells tinted, their outlines (instance boundaries) in a solid colour."
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import zarr
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from segcore.atomic import replacing
 from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION, SlideStore, StoreError
 
 TINT = np.array([0, 200, 255], np.float32)
@@ -65,7 +65,6 @@ def write_overlay(store: Path, out: Path, min_side: int = 1024) -> Path:
     picture = rgb.round().astype(np.uint8)
     picture[outlines] = OUTLINE
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    Image.fromarray(picture).save(tmp, format="PNG")
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
     return out

@@ -17,10 +17,11 @@ import errno
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import psutil
+
+from segcore.atomic import replacing, sibling
 
 #: Errors that say "this place cannot be written", which trying again will not change.
 _NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR})
@@ -51,8 +52,9 @@ def writable_folder(folder: str | Path) -> Path:
 
 
 def temporary_sibling(final: Path, kind: str = "tmp") -> Path:
-    """A fresh hidden path beside `final` owned by this process (see the module docstring)."""
-    return final.with_name(f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A fresh hidden path beside `final` owned by this process (see the module docstring;
+    the naming rule is `segcore.atomic.sibling`, shared with single files)."""
+    return sibling(final, kind)
 
 
 def remove_stale_siblings(final: Path) -> None:
@@ -88,7 +90,6 @@ def install(tmp: Path, final: Path) -> None:
 
 
 def write_file(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling and rename it into place: readers never see half."""
-    tmp = temporary_sibling(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `text` in place of `path`'s content: readers never see half (segcore.atomic)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)

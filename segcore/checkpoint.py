@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from segcore.atomic import replacing
 from segcore.model import UNet, UNetConfig
 
 #: Where a Lightning checkpoint keeps the wrapped U-Net's weights (UNetModule.model).
@@ -19,11 +20,9 @@ class CheckpointError(ValueError):
 
 def save_unet(model: UNet, path: str | Path, extra: dict | None = None) -> None:
     """Save `model` as {"unet_config", "state_dict", **extra}; written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     payload = {"unet_config": model.config.to_dict(), "state_dict": model.state_dict()}
-    torch.save({**(extra or {}), **payload}, tmp)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        torch.save({**(extra or {}), **payload}, tmp)
 
 
 def unet_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

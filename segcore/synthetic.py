@@ -24,13 +24,13 @@ and labels) with `segcore.tiff_writer`, so memory holds a few tiles whatever the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from segcore.atomic import replacing
 from segcore.tiff_writer import write_pyramidal_tiff
 
 #: Nuclei are placed per bin of this many pixels; each bin has this many slots.
@@ -409,11 +409,6 @@ def render_region(
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _partial_path(path: Path) -> Path:
-    """A hidden sibling the file is written to before it is moved into place."""
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
-
-
 def write_synthetic_slide(
     image_path: Path,
     labels_path: Path,
@@ -461,8 +456,8 @@ def write_synthetic_slide(
         visible.append(np.unique(labels[labels > 0]))
         return labels
 
-    image_tmp, labels_tmp = _partial_path(image_path), _partial_path(labels_path)
-    try:
+    # Both files are replaced only once both are written.
+    with replacing(image_path) as image_tmp, replacing(labels_path) as labels_tmp:
         n_levels = write_pyramidal_tiff(
             image_tmp,
             image_tile,
@@ -490,11 +485,6 @@ def write_synthetic_slide(
             metadata=None,
             **resolution,
         )
-        os.replace(image_tmp, image_path)
-        os.replace(labels_tmp, labels_path)
-    finally:
-        image_tmp.unlink(missing_ok=True)
-        labels_tmp.unlink(missing_ok=True)
     n_nuclei = int(np.unique(np.concatenate(visible)).size) if visible else 0
     return SyntheticSlide(
         image_path=image_path,
