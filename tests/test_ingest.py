@@ -91,7 +91,7 @@ def test_isbi_stack_pages_become_stores(tmp_path, client):
         assert ome_nodes(result.store) == {
             "image:" + result.store.name: [(1, 512, 512), (1, 256, 256), (1, 128, 128)],
             "label:annotations": [(512, 512), (256, 256), (128, 128)],
-            "label:tissue": [(512, 512)],
+            "label:tissue": [(512, 512), (256, 256), (128, 128)],
         }
 
 
