@@ -24,6 +24,8 @@ _ADD = slice(1, 7)
 _MIN = slice(7, 9)
 _MAX = slice(9, 11)
 _I = len(SUMS)
+#: Rows of a chunk summed at once.
+STRIP = 128
 
 
 def chunk_sums(
@@ -35,22 +37,22 @@ def chunk_sums(
     """Sums rows (column 0, the id, left 0) of objects 1..n of `compact`, a chunk's labels
     renumbered 1..n (0 = background) whose pixel (0, 0) is level-0 `origin`; `slices` are their
     boxes in `compact` (`scipy.ndimage.find_objects`), `pixels` the chunk's image (c, y, x)."""
-    h, w = compact.shape
-    flat = compact.ravel()
-    n_objects = len(slices)
-    size = n_objects + 1
-    yy, xx = np.divmod(np.arange(h * w, dtype=np.int64), w)
-
-    def total(weights: np.ndarray | None) -> np.ndarray:
-        # Local coordinates keep every float sum an exact integer (< 2^53).
-        return np.rint(np.bincount(flat, weights=weights, minlength=size)[1:]).astype(np.int64)
-
-    n = np.bincount(flat, minlength=size)[1:].astype(np.int64)
-    sy, sx = total(yy.astype(np.float64)), total(xx.astype(np.float64))
-    syy, sxx = total((yy * yy).astype(np.float64)), total((xx * xx).astype(np.float64))
-    sxy = total((yy * xx).astype(np.float64))
+    size = len(slices) + 1
+    local = np.zeros((6 + len(pixels), size), np.float64)
+    for top in range(0, compact.shape[0], STRIP):
+        # Strips keep the per-pixel temporaries small; local coordinates keep every float sum
+        # an exact integer (< 2^53).
+        strip = compact[top : top + STRIP]
+        flat = strip.ravel()
+        yy, xx = (c.ravel() for c in np.indices(strip.shape, dtype=np.float64))
+        yy += top
+        for k, weights in enumerate((None, yy, xx, yy * yy, xx * xx, yy * xx)):
+            local[k] += np.bincount(flat, weights=weights, minlength=size)
+        for c, channel in enumerate(pixels[:, top : top + STRIP]):
+            local[6 + c] += np.bincount(flat, weights=channel.ravel(), minlength=size)
+    n, sy, sx, syy, sxx, sxy, *intensity = np.rint(local[:, 1:]).astype(np.int64)
     y0, x0 = origin
-    rows = np.zeros((n_objects, _I + pixels.shape[0]), dtype=np.int64)
+    rows = np.zeros((size - 1, _I + len(pixels)), dtype=np.int64)
     # Shift the local sums to level-0 coordinates, in exact integer arithmetic.
     rows[:, 1] = n
     rows[:, 2] = sy + n * y0
@@ -62,8 +64,7 @@ def chunk_sums(
         [(r.start, c.start, r.stop, c.stop) for r, c in slices], dtype=np.int64
     ).reshape(-1, 4)
     rows[:, 7:11] = boxes + np.array([y0, x0, y0, x0])
-    for c, channel in enumerate(pixels):
-        rows[:, _I + c] = total(channel.ravel().astype(np.float64))
+    rows[:, _I:] = np.asarray(intensity, dtype=np.int64).reshape(len(pixels), -1).T
     return rows
 
 

@@ -145,8 +145,8 @@ def _crossing(compact: np.ndarray, n: int, region: Region, shape: tuple[int, int
 def _chunk_objects(context: _Context, region: Region) -> _Batch:
     """Pass 1 task: finish the objects inside one chunk, return sums of those crossing it."""
     labels = read_checked(context.instances, region)
-    ids, inverse = np.unique(labels, return_inverse=True)
-    compact = inverse.reshape(labels.shape)
+    ids = np.unique(labels)
+    compact = np.searchsorted(ids, labels).astype(np.int32)
     if ids[0] == 0:
         ids = ids[1:]
     else:
