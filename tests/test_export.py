@@ -19,7 +19,7 @@ from pipelines.export.outline import rings, shoelace
 from pipelines.export.source import ExportSource
 from pipelines.stage import Identity, record_identity
 from segcore import ngff
-from segcore.store import STORE_FORMAT
+from segcore.store import STORE_FORMAT, StoreError
 
 CHUNK = 32
 MPP = 0.25
@@ -286,3 +286,21 @@ def test_cli_help_names_export_options(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--format" in out and "--out" in out and "--config" not in out
+
+
+def test_failed_export_leaves_no_file(tmp_path):
+    instances = random_objects((64, 64), seed=4, n=10)
+    path = make_store(tmp_path / "s.zarr", instances)
+    (path / "labels" / "instances" / "0" / "c" / "1" / "1").write_bytes(b"not a chunk")
+    out = tmp_path / "out"
+    with pytest.raises(StoreError, match="chunk"):
+        export_store(path, out)
+    assert list(out.iterdir()) == []
+
+
+def test_missing_chunk_is_refused_before_writing(tmp_path):
+    path = make_store(tmp_path / "s.zarr", random_objects((64, 64), seed=4, n=10))
+    (path / "labels" / "instances" / "0" / "c" / "0" / "1").unlink()
+    with pytest.raises(StoreError, match="missing"):
+        export_store(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

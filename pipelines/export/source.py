@@ -16,7 +16,14 @@ import zarr
 
 from pipelines.stage import IDENTITY_ATTR, SEGFLOW_ATTR, Identity
 from segcore.errors import one_line
-from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION, SlideStore, StoreError
+from segcore.store import (
+    INSTANCES,
+    LABELS_GROUP,
+    SEGMENTATION,
+    SlideStore,
+    StoreError,
+    verify_chunks,
+)
 
 #: Namespace of every exported object's UUID (uuid5 of it, the segmentation and the label id).
 OBJECT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "segflow/export/object")
@@ -55,6 +62,8 @@ class ExportSource:
         except StoreError as exc:
             raise ExportError(f"{path}: no image for its instances ({one_line(exc)})") from exc
         image = slide.image(0)
+        for array in (instances, image):
+            verify_chunks(array)  # a missing chunk would read as background
         if image.shape[1:] != instances.shape:
             raise ExportError(
                 f"{path}: instances {instances.shape} do not cover the image {image.shape[1:]}"

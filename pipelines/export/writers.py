@@ -1,7 +1,7 @@
 """Streaming writers of the exported files: a GeoJSON FeatureCollection and a measurement table.
 
-Both take their rows chunk by chunk and hold none of the earlier ones, and both write into a
-hidden temporary sibling renamed into place on success, so a reader never sees half a file.
+Both take their rows chunk by chunk and hold none of the earlier ones, and both write through
+`segcore.atomic.replacing`, so a reader never sees half a file.
 
 The table is Parquet when pyarrow is importable (it ships with MLflow, so in every segflow
 environment): typed columns, compressed, written one row group per batch, the provenance in the
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
 import numpy as np
+
+from segcore.atomic import replacing
 
 try:
     import pyarrow as pa
@@ -31,11 +32,13 @@ TABLE_SUFFIX = ".parquet" if pq is not None else ".csv"
 
 
 class _Atomic(AbstractContextManager):
-    """A file written at `<dir>/.<name>.tmp-<pid>` and renamed to `path` on a clean exit."""
+    """A file written at a temporary sibling that replaces `path` on a clean exit
+    (`segcore.atomic.replacing`) and is removed otherwise."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._replacing = replacing(self.path)
+        self.temporary = self._replacing.__enter__()
 
     def _close(self) -> None:
         raise NotImplementedError
@@ -49,10 +52,7 @@ class _Atomic(AbstractContextManager):
         try:
             self._close()
         finally:
-            if kind is None:
-                os.replace(self.temporary, self.path)
-            else:
-                self.temporary.unlink(missing_ok=True)
+            self._replacing.__exit__(kind, error, traceback)
 
 
 class GeoJsonWriter(_Atomic):
