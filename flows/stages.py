@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from flows.outcomes import StageOutcome
 from flows.tasks import infer_task, ingest_slide_task, train_task, weights_task
 from pipelines.cluster import SchedulerLostError, dask_client
 from pipelines.infer import SEGMENTATION_OUTPUT, InferConfig, InferResult, Segmenter
+from pipelines.inference.report import seam_line
 from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult
 from pipelines.redaction import redact_text
 from pipelines.runtime import Runtime
@@ -185,9 +186,9 @@ def run_infer(
     with one model session: the model is loaded, hashed and put on the workers once per run
     (by the first slide not answered from the cache), not once per slide.
 
-    The stage itself decides whether a store's segmentation is current (its run key: model
-    digest and output-changing settings) and redoes it when not; a cached result is trusted
-    only while the segmentation it wrote is still the one installed.
+    The stage itself decides whether a store's segmentation is current (its identity: input
+    store, model digest and output-changing settings) and redoes it when not; a cached result
+    is trusted only while the segmentation it wrote is still the one installed.
     """
     config = config.model_copy(update={"progress": False})
 
@@ -199,9 +200,14 @@ def run_infer(
     ):
         calls = [_store_call(s, {"segmenter": segmenter}) for s in stores]
         # One slide at a time: each already spreads its blocks over the whole cluster.
-        return run_tasks(
+        pairs = run_tasks(
             "infer", infer_task, calls, SEGMENTATION_OUTPUT.holds, config.overwrite, at_once=1
         )
+    # The seam report of each slide segmented now goes into the tables and the artifact.
+    return [
+        (replace(o, detail=seam_line(r.seams)) if r is not None and r.seams else o, r)
+        for o, r in pairs
+    ]
 
 
 def _store_call(store: Path, kwargs: dict[str, Any]) -> Call:

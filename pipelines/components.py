@@ -19,6 +19,7 @@ pair (column 2, column 3) joins chunk 0's id 1 with chunk 1's id 1: `[1 1 1 | 1 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import product
@@ -41,6 +42,26 @@ Region = tuple[slice, slice]
 
 class ComponentsError(ValueError):
     """The source and destination arrays do not fit together."""
+
+
+@dataclass(frozen=True)
+class Labelling:
+    """What labelling a chunked map found, and what happened at the chunk faces (the seam
+    report: inference blocks are made of whole chunks, so these are the block faces too).
+
+    crossing          components with pixels in more than one chunk (each labelled once)
+    merged_pieces     chunk-local pieces joined to a component begun in an earlier chunk
+    largest           pixels of the largest component
+    ending_at_faces   chunk-local pieces that touch a face with no foreground facing them
+                      across it: objects whose edge falls exactly on a chunk face, which a
+                      block-wise prediction that cut objects would show many of
+    """
+
+    n_components: int
+    crossing: int
+    merged_pieces: int
+    largest: int
+    ending_at_faces: int
 
 
 @dataclass(frozen=True)
@@ -84,8 +105,11 @@ def _relabel(
     base: int,
     joined: np.ndarray,
     targets: np.ndarray,
-) -> None:
-    """Pass 3 task: write global ids for one chunk.
+    spanning: np.ndarray,
+) -> tuple[int, Counter[int]]:
+    """Pass 3 task: write global ids for one chunk; returns the size of its largest component
+    that lies in this chunk alone, and the sizes of its pieces of components that span chunks
+    (the local ids `spanning`), by global id.
 
     Local id l becomes base + l - 1 minus the joined local ids below l; a joined local id
     (one whose component started in an earlier chunk) becomes that component's id `targets`.
@@ -97,6 +121,13 @@ def _relabel(
     lut[0] = 0
     # Gathering through a table of the output dtype halves its cache footprint.
     dst[region] = lut.astype(dst.dtype)[labels]
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    pieces: Counter[int] = Counter()
+    for local in spanning:  # a chunk may hold several pieces of one component
+        pieces[int(lut[local])] += int(sizes[local])
+    sizes[spanning] = 0
+    return int(sizes.max()), pieces
 
 
 def _face_pairs(a: np.ndarray, b: np.ndarray, connectivity: int) -> np.ndarray:
@@ -130,28 +161,44 @@ def write_grid(array: zarr.Array) -> tuple[int, ...]:
 
 def _neighbour_pairs(
     index: ChunkIndex, borders: dict[ChunkIndex, _Borders], connectivity: int
-) -> Iterator[tuple[ChunkIndex, ChunkIndex, np.ndarray]]:
-    """Face (and corner) pairs between chunk `index` and its neighbours already in `borders`."""
+) -> Iterator[tuple[ChunkIndex, ChunkIndex, np.ndarray, tuple[np.ndarray, np.ndarray] | None]]:
+    """Face (and corner) pairs between chunk `index` and its neighbours already in `borders`,
+    and for a face the local ids on each side that end there (nothing facing them)."""
     i, j = index
     me = borders[index]
-    neighbours: list[tuple[ChunkIndex, Callable[[_Borders], np.ndarray]]] = [
-        ((i - 1, j), lambda n: _face_pairs(n.bottom, me.top, connectivity)),
-        ((i + 1, j), lambda n: _face_pairs(me.bottom, n.top, connectivity)[:, ::-1]),
-        ((i, j - 1), lambda n: _face_pairs(n.right, me.left, connectivity)),
-        ((i, j + 1), lambda n: _face_pairs(me.right, n.left, connectivity)[:, ::-1]),
+    neighbours: list[tuple[ChunkIndex, Callable[[_Borders], tuple[np.ndarray, np.ndarray]]]] = [
+        ((i - 1, j), lambda n: (n.bottom, me.top)),
+        ((i + 1, j), lambda n: (n.top, me.bottom)),
+        ((i, j - 1), lambda n: (n.right, me.left)),
+        ((i, j + 1), lambda n: (n.left, me.right)),
     ]
+    for other, lines in neighbours:
+        if other in borders:
+            theirs, mine = lines(borders[other])
+            # Pairs are (neighbour's local id, this chunk's local id).
+            pairs = _face_pairs(theirs, mine, connectivity)
+            yield (
+                other,
+                index,
+                pairs,
+                (_unmatched(theirs, pairs[:, 0]), _unmatched(mine, pairs[:, 1])),
+            )
     if connectivity == 2:
         # Diagonal contact across a chunk corner: one pixel on each side.
-        neighbours += [
+        corners: list[tuple[ChunkIndex, Callable[[_Borders], np.ndarray]]] = [
             ((i - 1, j - 1), lambda n: _corner(n.bottom[-1], me.top[0])),
             ((i - 1, j + 1), lambda n: _corner(n.bottom[0], me.top[-1])),
             ((i + 1, j - 1), lambda n: _corner(n.top[-1], me.bottom[0])),
             ((i + 1, j + 1), lambda n: _corner(n.top[0], me.bottom[-1])),
         ]
-    for other, pairs in neighbours:
-        if other in borders:
-            # Pairs are (neighbour's local id, this chunk's local id).
-            yield other, index, pairs(borders[other])
+        for other, pairs in corners:
+            if other in borders:
+                yield other, index, pairs(borders[other]), None
+
+
+def _unmatched(line: np.ndarray, matched: np.ndarray) -> np.ndarray:
+    """Local ids on a chunk face line with no foreground facing them across the face."""
+    return np.setdiff1d(np.unique(line[line != 0]), matched)
 
 
 def _corner(a: int, b: int) -> np.ndarray:
@@ -199,8 +246,9 @@ def label_foreground(
     client: Client | None = None,
     connectivity: Literal[1, 2] = 1,
     max_in_flight: int = 64,
-) -> int:
-    """Label the connected components of `src != 0` into `dst`; returns the number of components.
+) -> Labelling:
+    """Label the connected components of `src != 0` into `dst`; returns their number and how
+    they met the chunk grid (`Labelling`, the seam report).
 
     `dst` (same shape as `src`, an unsigned integer dtype) is written chunk by chunk (shard by
     shard when sharded), each by exactly one task. `connectivity` 1 joins edge neighbours,
@@ -227,12 +275,16 @@ def label_foreground(
     seen_neighbours: dict[ChunkIndex, int] = dict.fromkeys(regions, 0)
     edges: list[tuple[ChunkIndex, ChunkIndex, np.ndarray]] = []
     jobs = ((index, (src, region, connectivity)) for index, region in regions.items())
+    ending: set[tuple[ChunkIndex, int]] = set()
     for index, (n, chunk_borders) in map_bounded(client, _label_borders, jobs, max_in_flight):
         counts[index] = n
         borders[index] = chunk_borders
-        for other, me, pairs in _neighbour_pairs(index, borders, connectivity):
+        for other, me, pairs, enders in _neighbour_pairs(index, borders, connectivity):
             if len(pairs):
                 edges.append((other, me, pairs))
+            if enders is not None:
+                ending.update((other, int(local)) for local in enders[0])
+                ending.update((me, int(local)) for local in enders[1])
             for done in (other, me):
                 seen_neighbours[done] += 1
                 if seen_neighbours[done] == _n_neighbours(done, grid_shape, connectivity):
@@ -251,19 +303,31 @@ def label_foreground(
         raise ComponentsError(f"{dst.store_path}: {n_components} components overflow {dst.dtype}")
 
     # Pass 3: each chunk gets what it needs to build its own lookup table, O(its border).
+    spanning_keys = np.union1d(joined, joined_to)  # every piece of a multi-chunk component
+
     def relabel_args(index: ChunkIndex) -> tuple:
         start = offsets[index]
         lo, hi = np.searchsorted(joined, [start, start + counts[index]])
         targets = joined_to[lo:hi] + 1 - np.searchsorted(joined, joined_to[lo:hi])
-        return start + 1 - lo, joined[lo:hi] - start + 1, targets
+        s_lo, s_hi = np.searchsorted(spanning_keys, [start, start + counts[index]])
+        spanning = spanning_keys[s_lo:s_hi] - start + 1
+        return start + 1 - lo, joined[lo:hi] - start + 1, targets, spanning
 
     jobs = (
         (index, (src, dst, region, connectivity, *relabel_args(index)))
         for index, region in regions.items()
     )
-    for _ in map_bounded(client, _relabel, jobs, max_in_flight):
-        pass
-    return int(n_components)
+    largest, spanning_sizes = 0, Counter()
+    for _, (chunk_largest, pieces) in map_bounded(client, _relabel, jobs, max_in_flight):
+        largest = max(largest, chunk_largest)
+        spanning_sizes.update(pieces)
+    return Labelling(
+        n_components=int(n_components),
+        crossing=len(spanning_sizes),
+        merged_pieces=len(joined),
+        largest=max(largest, max(spanning_sizes.values(), default=0)),
+        ending_at_faces=len(ending),
+    )
 
 
 def _cut_region(src: zarr.Array, dst: zarr.Array, region: Region, halo: int, h: float) -> None:

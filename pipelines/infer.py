@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -124,6 +124,8 @@ class InferResult(StageResult):
     mpx_per_s: float | None = None
     class_fractions: list[float] | None = None
     n_instances: int | None = None
+    #: How the instances met the chunk (= block) grid: `pipelines.components.Labelling`.
+    seams: dict[str, int] | None = None
     blocks: dict[str, int] = {}
 
 
@@ -367,7 +369,7 @@ def _segment(
         outcomes = journal.done()
         counts = np.sum([o["class_counts"] for o in outcomes.values()], axis=0)
         if not work.is_built:
-            n_instances = finish(
+            labelling = finish(
                 work,
                 session.client,
                 plan.chunk_side,
@@ -382,12 +384,13 @@ def _segment(
                 identity,
             )
         else:
-            n_instances = built_instances(work)
+            labelling = built_instances(work)
         result.seconds = time.perf_counter() - start
         result.mpx_per_s = height * width / 1e6 / result.seconds
         result.tissue_fraction = _tissue_fraction(slide)
         result.class_fractions = class_fractions(counts)
-        result.n_instances = n_instances
+        result.n_instances = labelling.n_components
+        result.seams = asdict(labelling)
         # Each block once: total = resumed + computed + background.
         result.blocks = {
             "total": len(plan.blocks),
@@ -408,7 +411,8 @@ def _segment(
                 "mpx_per_s": result.mpx_per_s,
                 "tissue_fraction": result.tissue_fraction,
                 "class_fractions": result.class_fractions,
-                "n_instances": n_instances,
+                "n_instances": result.n_instances,
+                "seams": result.seams,
                 "blocks": result.blocks,
             },
         )

@@ -47,13 +47,29 @@ def _blobs(shape, seed: int, density: float = 0.45) -> np.ndarray:
 def test_equals_whole_array_labels(tmp_path, connectivity, chunks):
     data = _blobs((61, 83), seed=sum(chunks) + connectivity)
     src, dst = _arrays(tmp_path, data, chunks)
-    n = label_foreground(src, dst, connectivity=connectivity)
+    report = label_foreground(src, dst, connectivity=connectivity)
+    n = report.n_components
     structure = ndimage.generate_binary_structure(2, connectivity)
     reference, n_ref = ndimage.label(data != 0, structure=structure)
     assert n == n_ref
     ours = dst[...]
     _assert_same_partition(ours, reference)
     assert set(np.unique(ours)) == set(range(n + 1))
+    # The seam report, from the whole-array labels: which components span several chunks,
+    # and the largest.
+    rows, cols = np.nonzero(reference)
+    chunk_of = (rows // chunks[0]) * 1000 + cols // chunks[1]
+    pairs = np.unique(np.stack([reference[rows, cols], chunk_of]), axis=1)
+    _, n_chunks = np.unique(pairs[0], return_counts=True)
+    assert report.crossing == int((n_chunks > 1).sum())
+    # A piece is a component of one chunk on its own; an object of k pieces merges k - 1.
+    n_pieces = 0
+    for y in range(0, data.shape[0], chunks[0]):
+        for x in range(0, data.shape[1], chunks[1]):
+            block = data[y : y + chunks[0], x : x + chunks[1]] != 0
+            n_pieces += ndimage.label(block, structure=structure)[1]
+    assert report.merged_pieces == n_pieces - n
+    assert report.largest == int(np.bincount(reference.ravel())[1:].max())
 
 
 def test_cell_cut_by_chunk_borders_gets_one_id(tmp_path):
@@ -63,22 +79,22 @@ def test_cell_cut_by_chunk_borders_gets_one_id(tmp_path):
     data[2:4, 2:4] = 1  # a separate small cell
     data[9, 29] = data[10, 30] = 1  # diagonal contact across a chunk corner (rows/cols 10)
     src, dst = _arrays(tmp_path, data, (10, 10))
-    assert label_foreground(src, dst, connectivity=1) == 4
+    assert label_foreground(src, dst, connectivity=1).n_components == 4
     out = dst[...]
     assert len(np.unique(out[data == 1][out[data == 1] != 0])) == 4
     assert len(np.unique(out[5:35, 18:22])) == 1
     assert out[9, 29] != out[10, 30]
-    assert label_foreground(src, dst, connectivity=2) == 3
+    assert label_foreground(src, dst, connectivity=2).n_components == 3
     assert dst[9, 29] == dst[10, 30]
 
 
 def test_ids_follow_raster_order_of_chunks(tmp_path):
     data = np.array([[1, 1, 0, 1, 0, 1]], dtype=np.uint8)
     src, dst = _arrays(tmp_path, data, (1, 3))
-    assert label_foreground(src, dst) == 3
+    assert label_foreground(src, dst).n_components == 3
     np.testing.assert_array_equal(dst[...], [[1, 1, 0, 2, 0, 3]])
     src[0, 2] = 1
-    assert label_foreground(src, dst) == 2
+    assert label_foreground(src, dst).n_components == 2
     np.testing.assert_array_equal(dst[...], [[1, 1, 1, 1, 0, 2]])
 
 
@@ -98,10 +114,10 @@ def test_dask_client_and_shards_give_identical_ids(tmp_path):
 
 def test_empty_and_full_maps(tmp_path):
     src, dst = _arrays(tmp_path, np.zeros((20, 30), np.uint8), (8, 8))
-    assert label_foreground(src, dst) == 0
+    assert label_foreground(src, dst).n_components == 0
     assert not dst[...].any()
     src[...] = 1
-    assert label_foreground(src, dst) == 1
+    assert label_foreground(src, dst).n_components == 1
     assert (dst[...] == 1).all()
 
 
@@ -113,3 +129,19 @@ def test_mismatched_arrays_are_refused(tmp_path):
     signed = zarr.create_array(store=tmp_path / "s.zarr", shape=(20, 30), chunks=(8, 8), dtype="i4")
     with pytest.raises(ComponentsError, match="unsigned"):
         label_foreground(src, signed)
+
+
+def test_seam_report_counts_crossings_once_and_objects_ending_on_a_face(tmp_path):
+    """10 x 10 chunks: faces run along rows and columns 9|10, 19|20, 29|30."""
+    data = np.zeros((40, 40), dtype=np.uint8)
+    data[4:16, 4:8] = 1  # crosses the face 9|10: one object in two pieces (48 px)
+    data[12:20, 24:30] = 1  # ends on the faces 19|20 and 29|30, nothing facing it there
+    data[22:26, 12:14] = 1  # inside one chunk, away from every face
+    data[30:38, 30:38] = 1  # starts on the faces 29|30 of its chunk: the largest (64 px)
+    src, dst = _arrays(tmp_path, data, (10, 10))
+    report = label_foreground(src, dst)
+    assert report.n_components == 4 == len(np.unique(dst[...])) - 1
+    assert (report.crossing, report.merged_pieces, report.largest) == (1, 1, 64)
+    assert report.ending_at_faces == 2
+    # Joined once, not twice: the crossing object has one id on both sides of the face.
+    assert len(np.unique(dst[4:16, 4:8])) == 1

@@ -26,6 +26,7 @@ from pipelines.infer import (
     infer_slide,
 )
 from pipelines.inference.journal import JOURNAL_DIR
+from pipelines.inference.report import seam_line
 from segcore import ngff
 from segcore.checkpoint import save_unet
 from segcore.model import UNet
@@ -392,12 +393,16 @@ def test_watershed_separation_cuts_the_instances(tmp_path, model_file, client):
     store = make_store(tmp_path / "s.zarr", smooth_image((200, 230), seed=12))
     # The wiring (the cut itself is tested on real touching discs in test_separation.py). A
     # halo wider than the slide: every chunk sees everything, so the cut equals the whole's.
-    cut = config(separation="watershed", separation_halo=256)
+    cut = config(separation="watershed", separation_halo=256, block_size=104)
     result = infer_slide(store, model_file, cut, client)
     slide = SlideStore.open(store)
     classes = slide.group["labels/segmentation/0"][...]
     instances = slide.group["labels/instances/0"][...]
     expected, n = ndimage.label(cut_touching(classes != 0))
-    assert result.n_instances == n
+    assert result.n_instances == n == result.seams["n_components"]
+    # The seam report is kept with the segmentation and shown in the summary.
+    recorded = slide.group["labels/segmentation"].attrs["segflow"]["seams"]
+    assert recorded == result.seams and recorded["crossing"] > 0
+    assert f"{n} objects, {recorded['crossing']} across chunk borders" in seam_line(recorded)
     assert_same_partition(instances, expected)
     assert not (tmp_path / "s.zarr" / "foreground-cut").exists()

@@ -10,9 +10,10 @@ and every derived array is rebuilt from level 0 when a run is resumed before `fi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +24,7 @@ from ome_zarr.format import FormatV05
 from ome_zarr.writer import add_metadata, get_metadata
 
 from pipelines.cluster import map_bounded
-from pipelines.components import label_foreground, separate_foreground
+from pipelines.components import Labelling, label_foreground, separate_foreground
 from pipelines.stage import Identity, record_identity
 from pipelines.storage import install, remove_stale_siblings
 from segcore import ngff
@@ -122,8 +123,9 @@ def finish(
     rule: InstanceRule,
     max_in_flight: int,
     identity: Identity,
-) -> int:
-    """Derive pyramids and instances from the finished level 0; returns the instance count."""
+) -> Labelling:
+    """Derive pyramids and instances from the finished level 0; returns the instance count and
+    the seam report (`pipelines.components.Labelling`)."""
     group = work.group
     segmentation = group[f"{LABELS_GROUP}/{SEGMENTATION}/0"]
     shape = segmentation.shape
@@ -148,23 +150,22 @@ def finish(
         separate_foreground(
             segmentation, foreground, client, rule.cut_halo, rule.cut_depth, max_in_flight
         )
-    n_instances = label_foreground(
-        foreground, instances[0], client, rule.connectivity, max_in_flight
-    )
+    labelling = label_foreground(foreground, instances[0], client, rule.connectivity, max_in_flight)
     for name in (SEGMENTATION, INSTANCES):
         _pyramid(group, name, client, max_in_flight, chunk_size)
     record_identity(
         group[f"{LABELS_GROUP}/{INSTANCES}"],
         identity,
         {
-            "n_instances": n_instances,
+            "n_instances": labelling.n_components,
+            "seams": asdict(labelling),
             "connectivity": rule.connectivity,
             "cut_depth": rule.cut_depth,
             "source": SEGMENTATION,
         },
     )
-    (work.root / _BUILT).write_text(str(n_instances))
-    return n_instances
+    (work.root / _BUILT).write_text(json.dumps(asdict(labelling)))
+    return labelling
 
 
 def record_run(work: WorkGroup, identity: Identity, metadata: dict) -> None:
@@ -177,8 +178,9 @@ def record_run(work: WorkGroup, identity: Identity, metadata: dict) -> None:
         record_identity(zarr.open_group(work.root / PROBABILITIES, mode="r+"), identity)
 
 
-def built_instances(work: WorkGroup) -> int:
-    return int((work.root / _BUILT).read_text())
+def built_instances(work: WorkGroup) -> Labelling:
+    """The labelling of a run whose instances were built before it was interrupted."""
+    return Labelling(**json.loads((work.root / _BUILT).read_text()))
 
 
 def _install(new: Path, final: Path) -> None:

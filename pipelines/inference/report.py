@@ -20,12 +20,14 @@ class SlideSummary(Protocol):
     seconds: float
     mpx_per_s: float | None
     class_fractions: list[float] | None
+    seams: dict[str, int] | None
 
 
 def summary_table(results: Sequence[SlideSummary]) -> Table:
     """Slide, size, tissue %, seconds, Mpx/s and class fractions per slide."""
     table = Table(title="segflow inference")
-    for column in ("slide", "status", "size", "tissue %", "seconds", "Mpx/s", "classes %"):
+    columns = ("slide", "status", "size", "tissue %", "seconds", "Mpx/s", "classes %", "objects")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("slide", "status") else "right")
     for r in results:
         size = f"{r.shape[0]} x {r.shape[1]}" if r.shape else "-"
@@ -34,8 +36,19 @@ def summary_table(results: Sequence[SlideSummary]) -> Table:
         classes = (
             " / ".join(f"{100 * f:.1f}" for f in r.class_fractions) if r.class_fractions else "-"
         )
-        table.add_row(r.name, r.status, size, tissue, f"{r.seconds:.1f}", speed, classes)
+        objects = seam_line(r.seams) if r.seams else "-"
+        table.add_row(r.name, r.status, size, tissue, f"{r.seconds:.1f}", speed, classes, objects)
     return table
+
+
+def seam_line(seams: dict[str, int]) -> str:
+    """The seam report in a line: "1204 objects, 31 across chunk borders (33 pieces merged),
+    largest 812 px, 0 ending on a border"."""
+    return (
+        f"{seams['n_components']} objects, {seams['crossing']} across chunk borders "
+        f"({seams['merged_pieces']} pieces merged), largest {seams['largest']} px, "
+        f"{seams['ending_at_faces']} ending on a border"
+    )
 
 
 def print_summary(results: Sequence[SlideSummary], console: Console | None = None) -> None:

@@ -148,7 +148,7 @@ def _write_labels(
     n_instances = None
     if binary:
         # Components are labelled in place: each final task reads and rewrites only its chunk.
-        n_instances = label_foreground(levels[0], levels[0], client)
+        n_instances = label_foreground(levels[0], levels[0], client).n_components
     _build_pyramid(levels, "nearest", config.chunk_size, client)
     return {
         "kind": "binary" if binary else "instances",
