@@ -36,6 +36,7 @@ from pipelines.cluster import (
     map_bounded,
     scheduler_kept,
 )
+from pipelines.export import Format, export_paths, export_store
 from pipelines.inference.blocks import BlockJob, run_block
 from pipelines.inference.journal import Journal, run_lock
 from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host
@@ -107,6 +108,10 @@ class InferConfig(BaseModel):
     separation: Literal["none", "watershed"] = "none"
     separation_depth: float = Field(default=2.0, gt=0)
     separation_halo: int = Field(default=32, ge=1)
+    #: Exports written beside each segmented store as it finishes (`pipelines.export`): a
+    #: QuPath GeoJSON of the instances and/or their measurement table. Not part of the
+    #: segmentation's identity; a current slide is exported again only when a file is missing.
+    export: list[Format] = []
     max_in_flight: int | None = Field(default=None, ge=1)
     cluster: ClusterConfig = Field(default_factory=_default_cluster)
     overwrite: bool = False
@@ -126,6 +131,8 @@ class InferResult(StageResult):
     n_instances: int | None = None
     #: How the instances met the chunk (= block) grid: `pipelines.components.Labelling`.
     seams: dict[str, int] | None = None
+    #: Files `config.export` wrote (or found current) beside the output store.
+    exports: list[Path] = []
     blocks: dict[str, int] = {}
 
 
@@ -216,7 +223,12 @@ class Segmenter:
         session = self.open()
         with scheduler_kept(session.client):
             try:
-                return _segment(Path(store), session, self.config, progress or RunProgress(None, 1))
+                result = _segment(
+                    Path(store), session, self.config, progress or RunProgress(None, 1)
+                )
+                if self.config.export:
+                    result.exports = _export(result, self.config.export, session)
+                return result
             except (InferError, SchedulerLostError):
                 raise
             except Exception as exc:
@@ -233,6 +245,16 @@ class Segmenter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _export(result: InferResult, formats: list[Format], session: _Session) -> list[Path]:
+    """The exports of a segmented slide: written when it was segmented now, or when one of
+    them is missing beside a slide that was current."""
+    output = result.where()
+    wanted = export_paths(output, formats)
+    if result.status == "skipped" and all(path.exists() for path in wanted):
+        return wanted
+    return export_store(output, None, formats, session.client, session.max_in_flight).files
 
 
 def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:

@@ -406,3 +406,20 @@ def test_watershed_separation_cuts_the_instances(tmp_path, model_file, client):
     assert f"{n} objects, {recorded['crossing']} across chunk borders" in seam_line(recorded)
     assert_same_partition(instances, expected)
     assert not (tmp_path / "s.zarr" / "foreground-cut").exists()
+
+
+def test_export_as_inference_finishes(tmp_path, model_file, client):
+    store = make_store(tmp_path / "s.zarr", smooth_image((120, 140), seed=13))
+    exporting = config(export=["geojson", "table"])
+    result = infer_slide(store, model_file, exporting, client)
+    geojson, table = result.exports
+    assert geojson == tmp_path / "s.geojson" and table.stem == "s"
+    features = json.loads(geojson.read_text())["features"]
+    assert len(features) == result.n_instances > 0
+    # A current slide keeps its exports; one that went missing is written again.
+    stamp = geojson.stat().st_mtime_ns
+    again = infer_slide(store, model_file, exporting, client)
+    assert again.status == "skipped" and geojson.stat().st_mtime_ns == stamp
+    table.unlink()
+    infer_slide(store, model_file, exporting, client)
+    assert table.exists()

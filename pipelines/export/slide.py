@@ -191,6 +191,17 @@ def _by_owner(rows: np.ndarray, chunks: Sequence[int]) -> list[tuple[tuple[int, 
     ]
 
 
+def export_paths(
+    store: str | Path, formats: Sequence[Format], out_dir: Path | None = None
+) -> list[Path]:
+    """Where `export_store` writes the `formats` of `store` (default: beside the store)."""
+    store = Path(store)
+    out = out_dir if out_dir is not None else store.parent
+    name = store.name.removesuffix(".zarr")
+    suffix = {"geojson": ".geojson", "table": TABLE_SUFFIX}
+    return [out / f"{name}{suffix[f]}" for f in formats]
+
+
 def export_store(
     store: str | Path,
     out_dir: str | Path | None = None,
@@ -205,7 +216,7 @@ def export_store(
     source = ExportSource.open(store)
     out = Path(out_dir) if out_dir is not None else source.path.parent
     out.mkdir(parents=True, exist_ok=True)
-    name = source.path.name.removesuffix(".zarr")
+    paths = dict(zip(formats, export_paths(source.path, formats, out), strict=True))
     provenance = source.provenance(segflow_version())
     context = _Context(
         source.instances, source.image, source.mpp, source.namespace, "geojson" in formats
@@ -216,10 +227,10 @@ def export_store(
     with ExitStack() as stack, scheduler_kept(client):
         geojson = table = None
         if "geojson" in formats:
-            geojson = stack.enter_context(GeoJsonWriter(out / f"{name}.geojson", provenance))
+            geojson = stack.enter_context(GeoJsonWriter(paths["geojson"], provenance))
             files.append(geojson.path)
         if "table" in formats:
-            table = stack.enter_context(TableWriter(out / f"{name}{TABLE_SUFFIX}", provenance))
+            table = stack.enter_context(TableWriter(paths["table"], provenance))
             files.append(table.path)
 
         def emit(batch: _Batch) -> None:
