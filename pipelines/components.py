@@ -34,7 +34,7 @@ from scipy.sparse.csgraph import connected_components
 
 from pipelines.cluster import map_bounded
 from segcore.ngff import grown_region
-from segcore.separation import cut_touching
+from segcore.separation import cut_touching, drop_small
 
 ChunkIndex = tuple[int, int]
 Region = tuple[slice, slice]
@@ -330,30 +330,52 @@ def label_foreground(
     )
 
 
-def _cut_region(src: zarr.Array, dst: zarr.Array, region: Region, halo: int, h: float) -> None:
-    """Separation task: cut touching objects of one chunk, seeing `halo` px around it."""
+def _clean_region(
+    src: zarr.Array,
+    dst: zarr.Array,
+    region: Region,
+    halo: int,
+    cut_depth: float | None,
+    min_size: int,
+) -> None:
+    """Cleaning task: one chunk's foreground, touching objects cut apart and small ones
+    dropped, seeing `halo` px around it."""
     grown, inner = grown_region(region, halo, src.shape)
-    cut = cut_touching(np.asarray(src[grown]) != 0, h=h)
-    dst[region] = cut[inner].astype(dst.dtype)
+    foreground = np.asarray(src[grown]) != 0
+    if cut_depth is not None:
+        foreground = cut_touching(foreground, h=cut_depth)
+    if min_size > 1:
+        # Window sides that are not the slide's own may cut an object: its size is unknown.
+        open_sides = (
+            grown[0].start > 0,
+            grown[0].stop < src.shape[0],
+            grown[1].start > 0,
+            grown[1].stop < src.shape[1],
+        )
+        foreground = drop_small(foreground, min_size, open_sides)
+    dst[region] = foreground[inner].astype(dst.dtype)
 
 
-def separate_foreground(
+def clean_foreground(
     src: zarr.Array,
     dst: zarr.Array,
     client: Client | None = None,
     halo: int = 32,
-    h: float = 2.0,
+    cut_depth: float | None = 2.0,
+    min_size: int = 0,
     max_in_flight: int = 64,
 ) -> None:
-    """Write `src != 0` with touching objects cut apart (`segcore.separation.cut_touching`)
-    into `dst`, chunk by chunk with `halo` px of context: bounded memory for any slide, and
-    equal to cutting the whole map at once for objects smaller than the halo. Labelling `dst`
-    with `label_foreground` then gives the separated instances."""
+    """Write `src != 0` into `dst` with touching objects cut apart
+    (`segcore.separation.cut_touching`, when `cut_depth` is set) and objects of fewer than
+    `min_size` px dropped, chunk by chunk with `halo` px of context: bounded memory for any
+    slide, and equal to cleaning the whole map at once for objects smaller than the halo
+    (and `min_size` <= halo). Labelling `dst` with `label_foreground` then gives the
+    instances."""
     if src.shape != dst.shape:
         raise ComponentsError(f"{dst.store_path}: shape {dst.shape} does not match {src.shape}")
     jobs = (
-        (index, (src, dst, region, halo, h))
+        (index, (src, dst, region, halo, cut_depth, min_size))
         for index, region in chunk_regions(src.shape, write_grid(dst)).items()
     )
-    for _ in map_bounded(client, _cut_region, jobs, max_in_flight):
+    for _ in map_bounded(client, _clean_region, jobs, max_in_flight):
         pass

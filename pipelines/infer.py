@@ -108,6 +108,9 @@ class InferConfig(BaseModel):
     separation: Literal["none", "watershed"] = "none"
     separation_depth: float = Field(default=2.0, gt=0)
     separation_halo: int = Field(default=32, ge=1)
+    #: Instances of fewer level-0 px are dropped (specks); 0 keeps every one. Judged with
+    #: `separation_halo` px of context, which should be at least this.
+    min_object_size: int = Field(default=0, ge=0)
     #: Exports written beside each segmented store as it finishes (`pipelines.export`): a
     #: QuPath GeoJSON of the instances and/or their measurement table. Not part of the
     #: segmentation's identity; a current slide is exported again only when a file is missing.
@@ -274,6 +277,7 @@ def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
         "separation": config.separation,
         "separation_depth": config.separation_depth,
         "separation_halo": config.separation_halo,
+        "min_object_size": config.min_object_size,
     }
 
 
@@ -401,6 +405,7 @@ def _segment(
                     config.connectivity,
                     config.separation_depth if config.separation == "watershed" else None,
                     config.separation_halo,
+                    config.min_object_size,
                 ),
                 session.max_in_flight,
                 identity,

@@ -24,7 +24,7 @@ from ome_zarr.format import FormatV05
 from ome_zarr.writer import add_metadata, get_metadata
 
 from pipelines.cluster import map_bounded
-from pipelines.components import Labelling, label_foreground, separate_foreground
+from pipelines.components import Labelling, clean_foreground, label_foreground
 from pipelines.stage import Identity, record_identity
 from pipelines.storage import install, remove_stale_siblings
 from segcore import ngff
@@ -106,12 +106,14 @@ def _pyramid(
 class InstanceRule:
     """How instances come from the class map: its foreground's connected components (edge
     neighbours, `connectivity` 2 also diagonal ones), after touching objects are cut apart by
-    a watershed (`segcore.separation`) when `cut_depth` (its h, px) is set, each chunk seeing
-    `cut_halo` px around it."""
+    a watershed (`segcore.separation`) when `cut_depth` (its h, px) is set and objects of
+    fewer than `min_size` px dropped, each chunk seeing `cut_halo` px around it."""
 
     connectivity: Literal[1, 2] = 1
     cut_depth: float | None = None
     cut_halo: int = 32
+    #: Objects of fewer px are dropped (0: none), judged with the same halo.
+    min_size: int = 0
 
 
 def finish(
@@ -142,13 +144,19 @@ def finish(
         overwrite=True,
     )
     foreground = segmentation
-    if rule.cut_depth is not None:
+    if rule.cut_depth is not None or rule.min_size > 1:
         # A work array beside the labels: removed with the journal, never installed.
         foreground = ngff.create_array(
             group, _CUT, shape, "uint8", segmentation.chunks, overwrite=True
         )
-        separate_foreground(
-            segmentation, foreground, client, rule.cut_halo, rule.cut_depth, max_in_flight
+        clean_foreground(
+            segmentation,
+            foreground,
+            client,
+            rule.cut_halo,
+            rule.cut_depth,
+            rule.min_size,
+            max_in_flight,
         )
     labelling = label_foreground(foreground, instances[0], client, rule.connectivity, max_in_flight)
     for name in (SEGMENTATION, INSTANCES):
@@ -161,6 +169,7 @@ def finish(
             "seams": asdict(labelling),
             "connectivity": rule.connectivity,
             "cut_depth": rule.cut_depth,
+            "min_size": rule.min_size,
             "source": SEGMENTATION,
         },
     )
