@@ -9,6 +9,7 @@ its `labels` group, each label linked to the slide's image by a relative `source
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from geojson_pydantic import FeatureCollection
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 from ome_zarr_models.v05 import Image, Labels
 
 from pipelines.cluster import ClusterConfig, dask_client
+from pipelines.export.outline import shoelace
 from pipelines.infer import InferConfig, infer_slide
 from pipelines.ingest import IngestConfig, ingest_slide
 from pipelines.sources import SlideSource
@@ -167,6 +170,30 @@ def test_real_svs_is_valid_ngff_after_ingest_and_inference(tmp_path, model_file,
         store, model_file, config.model_copy(update={"output_dir": tmp_path / "out"}), client
     )
     assert_outputs_valid(store, elsewhere.output, False)
+
+
+@pytest.mark.slow  # minutes: an untrained model marks tens of thousands of specks as objects
+def test_real_svs_exports_one_feature_per_instance_with_its_area(tmp_path, model_file, client):
+    if not CMU1.exists():
+        pytest.skip(f"{CMU1} is not available")
+    store = ingest_slide(SlideSource(image=CMU1), tmp_path / "stores", IngestConfig(), client).store
+    config = infer_config(
+        tile_size=252, block_size=1024, output_dir=tmp_path / "out", export=["geojson"]
+    )
+    result = infer_slide(store, model_file, config, client)
+    (geojson,) = result.exports
+    collection = json.loads(geojson.read_text())
+    FeatureCollection.model_validate(collection)
+    instances = zarr.open_array(result.output / "labels" / "instances" / "0", mode="r")[...]
+    pixels = np.bincount(instances.ravel())
+    features = collection["features"]
+    assert len(features) == result.n_instances == int((pixels[1:] > 0).sum())
+    for feature in features:
+        geometry, label = feature["geometry"], feature["properties"]["label_id"]
+        multi = geometry["type"] == "MultiPolygon"
+        polygons = geometry["coordinates"] if multi else [geometry["coordinates"]]
+        area = sum(shoelace(ring) for polygon in polygons for ring in polygon)
+        assert abs(area - pixels[label]) <= 0.05 * pixels[label]
 
 
 def test_the_validator_rejects_a_label_with_fewer_levels_than_its_image(tmp_path):
