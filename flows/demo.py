@@ -26,8 +26,9 @@ from flows.console import summary_table, trained_lines
 from flows.overlay import write_overlay
 from flows.pipeline import PipelineConfig, pipeline_flow
 from flows.runner import run_flow
-from flows.runtime import Runtime, prefect_api_url, prefect_database_url
+from flows.runtime import prefect_api_url, prefect_database_url
 from pipelines.redaction import redact_uri
+from pipelines.runtime import Runtime
 from segcore.metrics import segmentation_scores
 from segcore.store import SlideStore
 from segcore.synthetic import write_synthetic_slide

@@ -21,7 +21,7 @@ from flows.pipeline import (
     train_flow,
     weights_flow,
 )
-from flows.runtime import Runtime
+from pipelines.runtime import Runtime
 
 NIGHTLY = "nightly-infer"
 

@@ -19,7 +19,8 @@ from flows import progress
 from flows.console import quiet_logging, stage_bars
 from flows.interrupt import on_interrupt
 from flows.outcomes import RunSummary, SlideFailures
-from flows.runtime import Runtime, prefect_session
+from flows.runtime import prefect_session
+from pipelines.runtime import Runtime
 from pipelines.training.process_runs import end_process_runs
 
 

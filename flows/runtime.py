@@ -19,7 +19,6 @@ from flows.interrupt import on_interrupt
 from pipelines.runtime import Runtime
 
 __all__ = [
-    "Runtime",
     "embedded_prefect_settings",
     "prefect_api_url",
     "prefect_database_url",

@@ -36,11 +36,11 @@ from flows.pipeline import (
     weights_flow,
 )
 from flows.runner import run_flow
-from flows.runtime import Runtime
 from flows.tasks import infer_task, ingest_slide_task, is_transient, train_task
 from pipelines.config import load_config
 from pipelines.infer import SEGMENTATION_OUTPUT
 from pipelines.ingest import IngestConfig, IngestError
+from pipelines.runtime import Runtime
 from pipelines.train import TrainConfig
 from segcore.store import SlideStore, StoreError
 
