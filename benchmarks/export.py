@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import peak_memory  # benchmarks/, beside this script
 import zarr
 
 from segcore import ngff
@@ -93,7 +91,7 @@ def export_one(args: argparse.Namespace) -> None:
     store = Path(args.run_one)
     result = export_store(store, store.parent / "exported", max_in_flight=args.in_flight)
     figures = {
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "peak_rss": peak_memory.peak_rss(),
         "seconds": result.seconds,
         "objects": result.n_objects,
         "crossing": result.n_crossing,
@@ -103,10 +101,9 @@ def export_one(args: argparse.Namespace) -> None:
 
 
 def run_child(args: argparse.Namespace, store: Path) -> dict:
-    command = [sys.executable, __file__, "--run-one", str(store)]
-    command += ["--in-flight", str(args.in_flight)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return peak_memory.run_child(
+        __file__, ["--run-one", str(store), "--in-flight", str(args.in_flight)]
+    )
 
 
 def main() -> None:
@@ -136,9 +133,7 @@ def main() -> None:
             f"{figures['seconds']:.0f} s (store {built:.0f} s); {sizes}; "
             f"the instance labels alone would be {4 * size * size / 2**20:.0f} MiB"
         )
-    ratio = peaks[1] / peaks[0]
-    print(f"peak({args.sizes[1]}) / peak({args.sizes[0]}) = {ratio:.3f}")
-    print(f"within 25%: {'yes' if abs(ratio - 1) <= 0.25 else 'no'}")
+    peak_memory.print_ratio(args.sizes, peaks)
 
 
 if __name__ == "__main__":

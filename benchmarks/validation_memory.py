@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import peak_memory  # benchmarks/, beside this script
 import zarr
 
 from segcore import ngff
@@ -105,9 +103,8 @@ def validate_one(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     (logged,) = trainer.validate(module, dataloaders=loader, verbose=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     figures = {
-        "peak_rss": peak,
+        "peak_rss": peak_memory.peak_rss(),
         "seconds": seconds,
         "blocks": len(loader.dataset),
         "scores": {name: logged[f"val_{name}"] for name in VAL_METRICS},
@@ -116,11 +113,9 @@ def validate_one(args: argparse.Namespace) -> None:
 
 
 def run_child(args: argparse.Namespace, store: Path) -> dict:
-    command = [sys.executable, __file__, "--run-one", str(store)]
-    command += ["--base", str(args.base), "--depth", str(args.depth), "--tile", str(args.tile)]
-    command += ["--block-size", str(args.block_size)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--run-one", str(store), "--base", str(args.base), "--depth", str(args.depth)]
+    arguments += ["--tile", str(args.tile), "--block-size", str(args.block_size)]
+    return peak_memory.run_child(__file__, arguments)
 
 
 def main() -> None:
@@ -152,9 +147,7 @@ def main() -> None:
             f"{figures['blocks']} blocks in {figures['seconds']:.0f} s (store {built:.0f} s); "
             f"whole-slide image + logits would be {whole / 2**20:.0f} MiB; {scores}"
         )
-    ratio = peaks[1] / peaks[0]
-    print(f"peak({args.sizes[1]}) / peak({args.sizes[0]}) = {ratio:.3f}")
-    print(f"within 25%: {'yes' if abs(ratio - 1) <= 0.25 else 'no'}")
+    peak_memory.print_ratio(args.sizes, peaks)
 
 
 if __name__ == "__main__":
