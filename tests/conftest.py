@@ -5,8 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
+
+from segcore.checkpoint import save_unet
+from segcore.model import UNet
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +31,13 @@ def prefect_console_writes_to_this_tests_stderr() -> Iterator[None]:
                     handler.stream = sys.stderr
                     handler.console.file = sys.stderr
     yield
+
+
+@pytest.fixture(scope="session")
+def untrained_rgb_unet(tmp_path_factory) -> Path:
+    """A small untrained RGB U-Net (base 4, depth 3) saved for inference tests that need a
+    model file, not a good model."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_unet(UNet(3, 2, base_channels=4, depth=3, dropout=0.0).eval(), path)
+    return path

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
 from geojson_pydantic import FeatureCollection
 from ome_zarr.io import parse_url
@@ -29,8 +28,6 @@ from pipelines.infer import InferConfig, infer_slide
 from pipelines.ingest import IngestConfig, ingest_slide
 from pipelines.sources import SlideSource
 from segcore import ngff
-from segcore.checkpoint import save_unet
-from segcore.model import UNet
 from segcore.store import SlideStore
 from segcore.synthetic import write_synthetic_slide
 from segcore.tissue import TissueConfig
@@ -47,14 +44,6 @@ SYNTHETIC = IngestConfig(chunk_size=128, min_level_size=64, tissue=TissueConfig(
 def client():
     with dask_client(THREADS) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_unet(UNet(3, 2, base_channels=4, depth=3, dropout=0.0).eval(), path)
-    return path
 
 
 def infer_config(**overrides) -> InferConfig:
@@ -148,39 +137,48 @@ def test_ingested_multilevel_store_is_valid_ngff(synthetic_store):
 
 
 @pytest.mark.parametrize("elsewhere", [False, True], ids=["in-store", "output-dir"])
-def test_inference_outputs_are_valid_ngff(synthetic_store, model_file, client, tmp_path, elsewhere):
+def test_inference_outputs_are_valid_ngff(
+    synthetic_store, untrained_rgb_unet, client, tmp_path, elsewhere
+):
     config = infer_config(
         probabilities="uint8",
         output_dir=tmp_path / "outputs" if elsewhere else None,
     )
     store = Path(shutil.copytree(synthetic_store, tmp_path / "s.zarr"))
-    result = infer_slide(store, model_file, config, client)
+    result = infer_slide(store, untrained_rgb_unet, config, client)
     assert_outputs_valid(store, result.output, probabilities=True)
 
 
-def test_real_svs_is_valid_ngff_after_ingest_and_inference(tmp_path, model_file, client):
+def test_real_svs_is_valid_ngff_after_ingest_and_inference(tmp_path, untrained_rgb_unet, client):
     if not CMU1.exists():
         pytest.skip(f"{CMU1} is not available")
     store = ingest_slide(SlideSource(image=CMU1), tmp_path / "stores", IngestConfig(), client).store
     assert n_levels(validated_image(store)) == 3
     assert_tissue_follows_the_image(store)
     config = infer_config(tile_size=252, block_size=1024)
-    assert_outputs_valid(store, infer_slide(store, model_file, config, client).output, False)
+    assert_outputs_valid(
+        store, infer_slide(store, untrained_rgb_unet, config, client).output, False
+    )
     elsewhere = infer_slide(
-        store, model_file, config.model_copy(update={"output_dir": tmp_path / "out"}), client
+        store,
+        untrained_rgb_unet,
+        config.model_copy(update={"output_dir": tmp_path / "out"}),
+        client,
     )
     assert_outputs_valid(store, elsewhere.output, False)
 
 
 @pytest.mark.slow  # minutes: an untrained model marks tens of thousands of specks as objects
-def test_real_svs_exports_one_feature_per_instance_with_its_area(tmp_path, model_file, client):
+def test_real_svs_exports_one_feature_per_instance_with_its_area(
+    tmp_path, untrained_rgb_unet, client
+):
     if not CMU1.exists():
         pytest.skip(f"{CMU1} is not available")
     store = ingest_slide(SlideSource(image=CMU1), tmp_path / "stores", IngestConfig(), client).store
     config = infer_config(
         tile_size=252, block_size=1024, output_dir=tmp_path / "out", export=["geojson"]
     )
-    result = infer_slide(store, model_file, config, client)
+    result = infer_slide(store, untrained_rgb_unet, config, client)
     (geojson,) = result.exports
     collection = json.loads(geojson.read_text())
     FeatureCollection.model_validate(collection)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
 from flow_helpers import prefect_api
 
@@ -23,8 +22,6 @@ from pipelines.sources import SlideSource
 from pipelines.training.data import TileDataset, TileShape, TrainingDataError, open_training_store
 from pipelines.weightmaps import WeightsConfig, compute_weight_maps
 from segcore import ngff
-from segcore.checkpoint import save_unet
-from segcore.model import UNet
 from segcore.store import STORE_FORMAT, SlideStore, StoreError, chunk_keys
 from segcore.synthetic import write_synthetic_slide
 
@@ -54,14 +51,6 @@ def pristine(tmp_path_factory) -> Path:
 def store(pristine, tmp_path) -> Path:
     """A fresh copy of the pristine store, for one test to damage."""
     return Path(shutil.copytree(pristine, tmp_path / "s.zarr"))
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_unet(UNet(3, 2, base_channels=4, depth=3, dropout=0.0).eval(), path)
-    return path
 
 
 def infer_config(**overrides) -> InferConfig:
@@ -139,7 +128,7 @@ def test_missing_array_metadata_names_the_array(store, client):
 
 
 def test_infer_fails_the_damaged_slide_only_and_installs_nothing(
-    pristine, tmp_path, model_file, client
+    pristine, tmp_path, untrained_rgb_unet, client
 ):
     missing = Path(shutil.copytree(pristine, tmp_path / "missing.zarr"))
     (missing / "0" / "c" / "0" / "1" / "1").unlink()
@@ -151,7 +140,7 @@ def test_infer_fails_the_damaged_slide_only_and_installs_nothing(
     results = {
         r.name: r
         for r in infer_archive(
-            [missing, corrupted, no_tissue, good], model_file, infer_config(), client
+            [missing, corrupted, no_tissue, good], untrained_rgb_unet, infer_config(), client
         )
     }
     assert results["missing"].error == f"{missing}/0: chunk c/0/1/1: missing"
@@ -168,10 +157,10 @@ def test_infer_fails_the_damaged_slide_only_and_installs_nothing(
     assert SlideStore.open(good).segmentation is not None
 
 
-def test_inference_writes_every_chunk_even_on_glass(store, model_file, client):
+def test_inference_writes_every_chunk_even_on_glass(store, untrained_rgb_unet, client):
     tissue = ngff.writable(zarr.open_array(store / "labels" / "tissue" / "0", mode="r+"))
     tissue[...] = 0  # all glass: every block is skipped as background
-    result = infer_slide(store, model_file, infer_config(), client)
+    result = infer_slide(store, untrained_rgb_unet, infer_config(), client)
     assert result.blocks["background"] == result.blocks["total"]
     segmentation = SlideStore.open(store).segmentation
     for key in chunk_keys(segmentation):
@@ -206,7 +195,9 @@ def test_stores_of_the_previous_format_are_refused_then_rewritten(pristine, tmp_
     assert ingest_slide(source, out, INGEST).status == "skipped"
 
 
-def test_a_16_bit_slide_is_recorded_and_refused_by_an_8_bit_model(tmp_path, model_file, client):
+def test_a_16_bit_slide_is_recorded_and_refused_by_an_8_bit_model(
+    tmp_path, untrained_rgb_unet, client
+):
     rng = np.random.default_rng(0)
     pixels = rng.integers(100, 4096, size=(200, 240, 3), dtype=np.uint16)  # 12-bit camera
     tifffile.imwrite(tmp_path / "cam.tif", pixels, photometric="rgb")
@@ -216,10 +207,10 @@ def test_a_16_bit_slide_is_recorded_and_refused_by_an_8_bit_model(tmp_path, mode
     assert slide.metadata["dtype"] == "uint16"
     assert slide.metadata["value_range"] == [int(pixels.min()), int(pixels.max())]
     with pytest.raises(InferError) as failure:
-        infer_slide(result.store, model_file, infer_config(), client)
+        infer_slide(result.store, untrained_rgb_unet, infer_config(), client)
     assert str(failure.value) == (
         f"{result.store}: image is uint16 (values {pixels.min()}..{pixels.max()}) but model "
-        f"{model_file} takes uint8 pixels (0..255); segflow does not rescale it silently"
+        f"{untrained_rgb_unet} takes uint8 pixels (0..255); segflow does not rescale it silently"
     )
     assert slide.segmentation is None
     with pytest.raises(TrainingDataError, match=r"cam\.zarr: image must be .* uint8, got .*uint16"):
@@ -229,7 +220,7 @@ def test_a_16_bit_slide_is_recorded_and_refused_by_an_8_bit_model(tmp_path, mode
 @pytest.mark.slow  # ~30 s, most of it starting a temporary Prefect server
 @pytest.mark.integration
 def test_commands_end_in_one_line_naming_the_array_and_chunk(
-    pristine, tmp_path, model_file, capsys, monkeypatch
+    pristine, tmp_path, untrained_rgb_unet, capsys, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
     workdir = tmp_path / "work"
@@ -245,7 +236,7 @@ def test_commands_end_in_one_line_naming_the_array_and_chunk(
         assert line.startswith(f"segflow: error: {store}/{ANNOTATIONS}: chunk c/0/1: corrupt (")
         assert "Traceback" not in err and not (store / "training").exists()
 
-        infer = ["tile_size=92", "block_size=128", "--model", str(model_file)]
+        infer = ["tile_size=92", "block_size=128", "--model", str(untrained_rgb_unet)]
         code = main(["infer", str(store), *infer, *common])
         err = capsys.readouterr().err
         assert code == 1
