@@ -1,15 +1,19 @@
 """Stage 2 under the stage contract (`pipelines.stage`): a slide store's training target and
 U-Net loss weight map, block by block on Dask.
 
-Reads `labels/annotations/0`, writes the group `training` with `target` (uint8, 1 = cell) and
-`weight` (float32) chunked like image level 0, equal to `segcore.weights.weight_map` of the
-whole image. Two passes over blocks of about `block_size` px, each block a whole number of
-stored chunks (so no two tasks write one chunk), both through `pipelines.cluster.map_bounded`:
+Reads `labels/annotations/0`, writes the group `training` with `target` (uint8: 1 = cell, or
+with `target="cells+boundaries"` 1 = cell interior and 2 = cell boundary) and `weight`
+(float32) chunked like image level 0, equal to `segcore.weights.training_target` and
+`weight_map` of the whole image; the group's attributes name the classes (`classes`), which
+training reads to size the network. Two passes over blocks of about `block_size` px, each
+block a whole number of stored chunks (so no two tasks write one chunk), both through
+`pipelines.cluster.map_bounded`:
 
-  scan    per block: a digest of each annotation chunk (the identity's input) and the cell
-          pixels left after `separate_touching` (the slide-wide class frequencies);
-  write   per block: the annotations around it with a halo of `border_halo(w0, sigma,
-          tolerance) + 1` px, separated, weighted, cropped to the block.
+  scan    per block: a digest of each annotation chunk (the identity's input) and the pixels
+          of each class of the target (the slide-wide class frequencies);
+  write   per block: the annotations around it with a halo of `halo + 1` px (halo = the
+          larger of `border_halo(w0, sigma, tolerance)` and, for boundaries, `boundary_width`),
+          separated, classified, weighted, cropped to the block.
 
 Worked example, a 5000 x 3000 px slide stored in 1024 px chunks, block_size 2048, defaults
 (w0 10, sigma 5, tolerance 1e-3 -> halo 22): blocks of 2048 x 2048 px in a 3 x 2 grid, the
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from distributed import Client
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 
 from pipelines.cluster import ClusterConfig, dask_client, default_in_flight, map_bounded
 from pipelines.config import output_settings
@@ -40,10 +44,20 @@ from pipelines.storage import install, remove_stale_siblings, temporary_sibling
 from segcore import ngff
 from segcore.ngff import grown_region
 from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore, read_checked
-from segcore.weights import border_halo, class_weights_from_counts, separate_touching, weight_map
+from segcore.weights import (
+    TARGET_CLASSES,
+    TargetKind,
+    border_halo,
+    class_weights_from_counts,
+    separate_touching,
+    target_of_separated,
+    weight_map,
+)
 
 #: Bumped when the maps written for the same annotations and settings change.
 WEIGHTS_FORMAT = 1
+#: Classes of stores written before the target kind was recorded (background / cell).
+DEFAULT_CLASSES = TARGET_CLASSES["cells"]
 #: The maps' identity is recorded on the `training` group of a store.
 WEIGHT_MAPS = StageOutput(TRAINING_GROUP)
 
@@ -63,24 +77,53 @@ class WeightsConfig(BaseModel):
     sigma: float = Field(default=5.0, gt=0)
     # The border term is dropped where it is below this; it sets the halo.
     tolerance: float = Field(default=1e-3, gt=0)
-    # (background, cell); None = N / (2 N_c) from the whole slide's class counts.
-    class_weights: tuple[NonNegativeFloat, NonNegativeFloat] | None = None
+    #: "cells": 0 background, 1 cell (the paper's); "cells+boundaries": 0 background, 1 cell
+    #: interior, 2 cell boundary (the cell pixels within `boundary_width` px of anything that
+    #: is not the same cell), for separating touching cells from interior seeds.
+    target: TargetKind = "cells"
+    #: Width of the boundary class, px; only with target "cells+boundaries".
+    boundary_width: int = Field(default=2, ge=1)
+    #: One weight per class of `target`; None = N / (k N_c) from the whole slide's counts.
+    class_weights: tuple[NonNegativeFloat, ...] | None = None
     # Pixels per block side, rounded to a multiple of the store's chunk (or shard) size.
     # Where the work is cut, not what it writes: not part of the output's identity.
     block_size: int = Field(default=2048, ge=1)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    @model_validator(mode="after")
+    def _one_weight_per_class(self) -> WeightsConfig:
+        classes = self.classes
+        if self.class_weights is not None and len(self.class_weights) != len(classes):
+            raise ValueError(
+                f"class_weights needs one weight per class {list(classes)} of target "
+                f"{self.target!r}, got {len(self.class_weights)}"
+            )
+        return self
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The target's class names, by class value."""
+        return TARGET_CLASSES[self.target]
+
+    @property
+    def halo(self) -> int:
+        """Context, px, each block needs beyond the one px of the separation."""
+        halo = border_halo(self.w0, self.sigma, self.tolerance)
+        return max(halo, self.boundary_width) if self.target == "cells+boundaries" else halo
+
     def settings(self) -> dict:
-        """The settings that decide the maps."""
-        return output_settings(self, "block_size")
+        """The settings that decide the maps (the boundary width only where there is one)."""
+        unused = ("boundary_width",) if self.target == "cells" else ()
+        return output_settings(self, "block_size", *unused)
 
 
 class WeightsResult(StageResult):
     """What `compute_weight_maps` did for one store, with the slide-wide class statistics."""
 
     halo: int | None = None
-    class_weights: tuple[float, float] | None = None
-    class_counts: tuple[int, int] | None = None
+    classes: tuple[str, ...] | None = None
+    class_weights: tuple[float, ...] | None = None
+    class_counts: tuple[int, ...] | None = None
 
 
 def _open_annotations(path: Path) -> tuple[SlideStore, zarr.Array]:
@@ -115,12 +158,15 @@ def _blocks(shape: tuple[int, int], side: tuple[int, int]) -> Iterator[Region]:
 # --- block tasks (run on Dask workers) ------------------------------------------------------
 
 
-def _scan_block(annotations: zarr.Array, region: Region) -> tuple[list, int]:
-    """(chunk index, digest) of every annotation chunk in `region`, and its cell pixels once
-    touching cells are separated. Outside the image is background to `separate_touching` and
+def _scan_block(
+    annotations: zarr.Array, region: Region, config: WeightsConfig
+) -> tuple[list, np.ndarray]:
+    """(chunk index, digest) of every annotation chunk in `region`, and its pixels of each
+    class of the target. Outside the image is background to `separate_touching` and
     `weight_map`, as for the whole image, so the grown window is clipped there."""
     shape = tuple(annotations.shape)
-    grown, inner = grown_region(region, 1, shape)
+    boundary = config.boundary_width if config.target == "cells+boundaries" else 0
+    grown, inner = grown_region(region, boundary + 1, shape)
     labels = read_checked(annotations, grown)
     core = labels[inner]
     cy, cx = annotations.chunks
@@ -130,8 +176,9 @@ def _scan_block(annotations: zarr.Array, region: Region) -> tuple[list, int]:
             chunk = np.ascontiguousarray(core[y : y + cy, x : x + cx])
             index = ((region[0].start + y) // cy, (region[1].start + x) // cx)
             digests.append((index, hashlib.blake2b(chunk.tobytes(), digest_size=16).digest()))
-    n_cell = int(np.count_nonzero(separate_touching(labels)[inner]))
-    return digests, n_cell
+    target = target_of_separated(separate_touching(labels), config.target, config.boundary_width)
+    counts = np.bincount(target[inner].ravel(), minlength=len(config.classes))
+    return digests, counts
 
 
 def _write_block(
@@ -145,10 +192,16 @@ def _write_block(
 ) -> None:
     grown, inner = grown_region(region, halo + 1, annotations.shape)
     separated = separate_touching(read_checked(annotations, grown))
+    classes = target_of_separated(separated, config.target, config.boundary_width)
     weights = weight_map(
-        separated, config.w0, config.sigma, class_weights, tolerance=config.tolerance
+        separated,
+        config.w0,
+        config.sigma,
+        class_weights,
+        classes=classes,
+        tolerance=config.tolerance,
     )
-    target[region] = (separated[inner] > 0).astype(np.uint8)
+    target[region] = classes[inner]
     weight[region] = weights[inner].astype(np.float32)
 
 
@@ -221,23 +274,29 @@ def _compute(
     client: Client | None,
     start: float,
 ) -> WeightsResult:
-    halo = border_halo(config.w0, config.sigma, config.tolerance)
+    halo = config.halo
     shape = tuple(annotations.shape)
     blocks = list(_blocks(shape, _block_side(_write_unit(slide, annotations), config.block_size)))
-    digests, n_cell = [], 0
-    jobs = ((region, (annotations, region)) for region in blocks)
-    for _, (block_digests, block_cells) in map_bounded(
+    digests, counts = [], np.zeros(len(config.classes), dtype=np.int64)
+    jobs = ((region, (annotations, region, config)) for region in blocks)
+    for _, (block_digests, block_counts) in map_bounded(
         client, _scan_block, jobs, default_in_flight(client)
     ):
         digests.extend(block_digests)
-        n_cell += block_cells
+        counts += block_counts
     identity = Identity(
         stage="weights",
         format=WEIGHTS_FORMAT,
         inputs={"annotations": _annotations_digest(digests, annotations)},
         settings=config.settings(),
     )
-    result = WeightsResult(store=slide.path, status="skipped", identity=identity.key, halo=halo)
+    result = WeightsResult(
+        store=slide.path,
+        status="skipped",
+        identity=identity.key,
+        halo=halo,
+        classes=config.classes,
+    )
     if WEIGHT_MAPS.is_current(slide.path, identity):
         stored = zarr.open_group(WEIGHT_MAPS.node(slide.path), mode="r").attrs["segflow"]
         result.class_weights = tuple(stored["class_weights"])
@@ -245,7 +304,7 @@ def _compute(
         result.seconds = time.perf_counter() - start
         return result
     # Class frequencies of the whole slide, not of each block.
-    counts = (int(np.prod(shape)) - n_cell, n_cell)
+    counts = tuple(int(c) for c in counts)
     class_weights = (
         np.asarray(config.class_weights, dtype=np.float64)
         if config.class_weights is not None
@@ -254,6 +313,8 @@ def _compute(
     metadata = {
         "store": SLIDE_STORE.recorded_key(slide.path),
         "halo": halo,
+        # Training sizes the network and reads its classes from this (`recorded_classes`).
+        "classes": list(config.classes),
         "class_weights": class_weights.tolist(),
         "class_counts": list(counts),
     }
@@ -265,6 +326,13 @@ def _compute(
     result.class_counts = counts
     result.seconds = time.perf_counter() - start
     return result
+
+
+def recorded_classes(store: Path) -> tuple[str, ...]:
+    """The class names of a store's training target, by class value, as the weights stage
+    recorded them (background / cell for maps written before it recorded any)."""
+    group = zarr.open_group(Path(store) / TRAINING_GROUP, mode="r")
+    return tuple(group.attrs.get("segflow", {}).get("classes", DEFAULT_CLASSES))
 
 
 def compute_weight_maps(

@@ -17,11 +17,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
 N_CLASSES = 2  # background (0) and cell (1)
+
+#: What the network learns: "cells" (background / cell, the paper's) or "cells+boundaries"
+#: (background / cell interior / cell boundary, for seeded separation of touching cells).
+TargetKind = Literal["cells", "cells+boundaries"]
+#: The class names of each target kind, by class value.
+TARGET_CLASSES: dict[str, tuple[str, ...]] = {
+    "cells": ("background", "cell"),
+    "cells+boundaries": ("background", "cell", "boundary"),
+}
+#: The class value of the boundary in a "cells+boundaries" target.
+BOUNDARY = 2
+
+
+def target_classes(n_classes: int) -> tuple[str, ...]:
+    """The class names of the segflow target with `n_classes` classes (a model's output
+    follows its training stores' target): 2 -> background, cell; 3 -> background, cell,
+    boundary; any other count -> background, class1, class2, ..."""
+    for names in TARGET_CLASSES.values():
+        if len(names) == n_classes:
+            return names
+    return ("background", *(f"class{k}" for k in range(1, n_classes)))
 
 
 class WeightMapError(ValueError):
@@ -86,9 +108,70 @@ def separate_touching(labels: np.ndarray) -> np.ndarray:
     return separated
 
 
-def training_target(labels: np.ndarray) -> np.ndarray:
-    """The class map a U-Net trains on: 1 = cell, 0 = background incl. borders between cells."""
-    return (separate_touching(labels) > 0).astype(np.uint8)
+def _disk(radius: int) -> np.ndarray:
+    """The pixels within Euclidean distance `radius` of the centre, (2r+1) x (2r+1) bool."""
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return y * y + x * x <= radius * radius
+
+
+def cell_boundaries(labels: np.ndarray, width: int) -> np.ndarray:
+    """The cell pixels within `width` px (Euclidean) of a pixel that is not the same cell
+    (background, another cell, or outside the image), bool.
+
+    Worked example, width 1, one 4 x 4 cell in a 6 x 6 image (0 = background):
+
+        0 0 0 0 0 0      . . . . . .
+        0 1 1 1 1 0      . B B B B .
+        0 1 1 1 1 0  ->  . B . . B .      B = boundary, the 2 x 2 core stays interior
+        0 1 1 1 1 0      . B . . B .
+        0 1 1 1 1 0      . B B B B .
+        0 0 0 0 0 0      . . . . . .
+
+    With width 2 the whole cell is boundary: every pixel is within 2 px of background. A pixel
+    depends only on pixels within `width` of it, so a chunk with `width` px of context agrees
+    with the whole image.
+    """
+    labels = _check_labels(labels)
+    if width < 1:
+        raise WeightMapError(f"boundary width must be >= 1 px, got {width}")
+    footprint = _disk(width)
+    # Outside the image is background (-1 never equals a cell id): cells cut by the image's
+    # edge get a boundary there, as `separate_touching` treats that edge.
+    padded = np.pad(labels.astype(np.int64), width, constant_values=-1)
+    low = ndimage.minimum_filter(padded, footprint=footprint, mode="nearest")
+    high = ndimage.maximum_filter(padded, footprint=footprint, mode="nearest")
+    inner = (slice(width, -width), slice(width, -width))
+    return (labels > 0) & ((low[inner] != labels) | (high[inner] != labels))
+
+
+def training_target(
+    labels: np.ndarray, kind: TargetKind = "cells", boundary_width: int = 2
+) -> np.ndarray:
+    """The class map a U-Net trains on (uint8), from instance labels whose touching cells are
+    separated first (`separate_touching`): "cells" 1 = cell, 0 = background incl. the gaps
+    between cells; "cells+boundaries" also marks 2 = boundary, the cell pixels within
+    `boundary_width` px of anything that is not the same cell (`cell_boundaries`), so that
+    1 = a cell's interior.
+
+    Worked example, two 3 x 3 cells touching side by side (ids 1 and 2) on background,
+    boundary width 1: the separation turns cell 1's right column into background (the gap);
+    "cells" is 1 on the rest of both cells; "cells+boundaries" is 2 on all of cell 1 (3 x 2,
+    every pixel next to background) and on cell 2 but for its centre pixel, its interior, 1.
+    """
+    separated = separate_touching(labels)
+    return target_of_separated(separated, kind, boundary_width)
+
+
+def target_of_separated(
+    separated: np.ndarray, kind: TargetKind = "cells", boundary_width: int = 2
+) -> np.ndarray:
+    """`training_target` of labels already passed through `separate_touching`."""
+    if kind not in TARGET_CLASSES:
+        raise WeightMapError(f"target must be one of {list(TARGET_CLASSES)}, got {kind!r}")
+    target = (separated > 0).astype(np.uint8)
+    if kind == "cells+boundaries":
+        target[cell_boundaries(separated, boundary_width)] = BOUNDARY
+    return target
 
 
 def _sequential(labels: np.ndarray) -> np.ndarray:
@@ -151,22 +234,30 @@ def weight_map(
     sigma: float = 5.0,
     class_weights: Sequence[float] | np.ndarray | None = None,
     *,
+    classes: np.ndarray | None = None,
     tolerance: float = 1e-4,
 ) -> np.ndarray:
     """U-Net loss weights w_c(x) + border term (see `border_weight`) for instance labels, float32.
 
-    `class_weights` = (background, cell); by default `class_weights_from_counts` of this image.
-    The result differs from the exact map by less than `tolerance` anywhere (cutoff 23.99 px for
-    the defaults w0=10, sigma=5, tolerance=1e-4). Callers with touching cells apply
-    `separate_touching` first.
+    `classes` is the training target (class per pixel; default `labels > 0`: background,
+    cell) and `class_weights` one weight per class, by default `class_weights_from_counts` of
+    this image's classes (at least background and cell). The result differs from the exact map
+    by less than `tolerance` anywhere (cutoff 23.99 px for the defaults w0=10, sigma=5,
+    tolerance=1e-4). Callers with touching cells apply `separate_touching` first.
     """
     labels = _check_labels(instance_labels)
-    cell = (labels > 0).astype(np.intp)
+    binary = classes is None
+    classes = (labels > 0) if binary else np.asarray(classes)
+    if classes.shape != labels.shape:
+        raise WeightMapError(f"classes {classes.shape} do not match the labels {labels.shape}")
+    classes = classes.astype(np.intp)
+    highest = int(classes.max(initial=0))
     if class_weights is None:
-        class_weights = class_weights_from_counts(np.bincount(cell.ravel(), minlength=N_CLASSES))
+        n = max(N_CLASSES, highest + 1)
+        class_weights = class_weights_from_counts(np.bincount(classes.ravel(), minlength=n))
     class_weights = np.asarray(class_weights, dtype=np.float32)
-    if class_weights.shape != (N_CLASSES,):
-        raise WeightMapError(
-            f"class_weights must be (background, cell), got {class_weights.tolist()}"
-        )
-    return class_weights[cell] + border_weight(labels, w0, sigma, tolerance)
+    fits = class_weights.size == N_CLASSES if binary else class_weights.size > highest
+    if class_weights.ndim != 1 or not fits:
+        wanted = "(background, cell)" if binary else f"one weight per class 0..{highest}"
+        raise WeightMapError(f"class_weights must be {wanted}, got {class_weights.tolist()}")
+    return class_weights[classes] + border_weight(labels, w0, sigma, tolerance)

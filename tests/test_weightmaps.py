@@ -6,16 +6,28 @@ import numpy as np
 import psutil
 import pytest
 import zarr
+from pydantic import ValidationError
 
 import pipelines.weightmaps as weightmaps
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.ingest import SLIDE_STORE, IngestConfig, ingest_slide
 from pipelines.sources import SlideSource
-from pipelines.weightmaps import WEIGHT_MAPS, WeightsConfig, WeightsError, compute_weight_maps
+from pipelines.weightmaps import (
+    WEIGHT_MAPS,
+    WeightsConfig,
+    WeightsError,
+    compute_weight_maps,
+    recorded_classes,
+)
 from segcore import ngff
 from segcore.store import STORE_FORMAT, SlideStore, StoreError
 from segcore.synthetic import write_synthetic_slide
-from segcore.weights import separate_touching, training_target, weight_map
+from segcore.weights import (
+    class_weights_from_counts,
+    separate_touching,
+    training_target,
+    weight_map,
+)
 
 
 def dead_pid() -> int:
@@ -239,3 +251,55 @@ def test_ingested_synthetic_slide(tmp_path, client):
     assert stored(ingested.store)[2]["store"] == SLIDE_STORE.recorded_key(ingested.store)
     assert SLIDE_STORE.recorded_key(ingested.store) == ingested.identity is not None
     assert result.status == "written"
+
+
+def test_chunked_three_class_target_equals_whole_image(tmp_path, client):
+    labels = cells_across_chunks((500, 420), chunk=128, n_cells=160, seed=4)
+    path = make_store(tmp_path / "slide.zarr", labels, chunk=128)
+    # No border term: the halo is the boundary's alone, so the test shows it suffices.
+    config = WeightsConfig(block_size=128, target="cells+boundaries", boundary_width=3, w0=0.0)
+    result = compute_weight_maps(path, config, client)
+    assert result.status == "written" and result.halo == 3
+
+    expected = training_target(labels, "cells+boundaries", boundary_width=3)
+    counts = np.bincount(expected.ravel(), minlength=3)
+    target, weight, attrs = stored(path)
+    np.testing.assert_array_equal(target, expected)
+    assert result.classes == ("background", "cell", "boundary")
+    assert attrs["classes"] == ["background", "cell", "boundary"]
+    assert recorded_classes(path) == ("background", "cell", "boundary")
+    assert result.class_counts == tuple(counts.tolist()) and all(counts > 0)
+    weights = class_weights_from_counts(counts)
+    np.testing.assert_allclose(weight, weights[expected].astype(np.float32), rtol=1e-6)
+    # Boundaries cross block borders (else this test would prove nothing).
+    assert (target[127:129, :] == 2).sum() > 10 and (target[:, 255:257] == 2).sum() > 10
+
+    # With the border term too, whole-image maps agree block by block.
+    full = config.model_copy(update={"w0": 10.0})
+    assert compute_weight_maps(path, full, client).status == "written"
+    whole = weight_map(
+        separate_touching(labels), 10.0, 5.0, weights, classes=expected, tolerance=1e-3
+    )
+    np.testing.assert_allclose(stored(path)[1], whole, rtol=1e-6, atol=1e-6)
+
+
+def test_target_settings_decide_the_identity(tmp_path, client):
+    cells = WeightsConfig()
+    assert cells.settings()["target"] == "cells" and "boundary_width" not in cells.settings()
+    # The width does not change a "cells" target, so it does not change its identity.
+    assert WeightsConfig(boundary_width=5).settings() == cells.settings()
+    three = WeightsConfig(target="cells+boundaries")
+    assert three.settings()["boundary_width"] == 2 and three.settings() != cells.settings()
+    assert three.settings() != WeightsConfig(target="cells+boundaries", boundary_width=3).settings()
+    with pytest.raises(ValidationError, match="one weight per class"):
+        WeightsConfig(target="cells+boundaries", class_weights=(1.0, 2.0))
+    assert WeightsConfig(target="cells+boundaries", class_weights=(1, 2, 3)).class_weights
+
+    labels = cells_across_chunks((200, 200), chunk=64, n_cells=30, seed=2)
+    path = make_store(tmp_path / "slide.zarr", labels, chunk=64)
+    assert compute_weight_maps(path, WeightsConfig(block_size=64), client).status == "written"
+    assert recorded_classes(path) == ("background", "cell")
+    three = WeightsConfig(block_size=64, target="cells+boundaries")
+    assert compute_weight_maps(path, three, client).status == "written"
+    assert compute_weight_maps(path, three, client).status == "skipped"
+    assert set(np.unique(stored(path)[0])) == {0, 1, 2}

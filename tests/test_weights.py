@@ -12,11 +12,14 @@ from reference_weights import weight_map_reference
 from scipy import ndimage
 
 from segcore.weights import (
+    TARGET_CLASSES,
     WeightMapError,
     border_cutoff,
     border_halo,
+    cell_boundaries,
     class_weights_from_counts,
     separate_touching,
+    target_classes,
     training_target,
     weight_map,
 )
@@ -169,3 +172,66 @@ def test_bad_parameters_are_rejected():
         weight_map(np.zeros((4, 4), dtype=np.uint8), sigma=0.0)
     with pytest.raises(WeightMapError, match="class_weights"):
         weight_map(np.zeros((4, 4), dtype=np.uint8), class_weights=[1.0, 2.0, 3.0])
+
+
+def test_cell_boundaries_by_hand():
+    labels = np.zeros((6, 6), dtype=np.uint8)
+    labels[1:5, 1:5] = 3
+    ring = np.zeros((6, 6), dtype=bool)
+    ring[1:5, 1:5] = True
+    ring[2:4, 2:4] = False  # the 2 x 2 core is more than 1 px from anything else
+    np.testing.assert_array_equal(cell_boundaries(labels, 1), ring)
+    np.testing.assert_array_equal(cell_boundaries(labels, 2), labels > 0)
+    # The image's edge counts as background; a neighbouring cell counts as "not the same".
+    whole = np.ones((5, 5), dtype=np.uint8)
+    assert cell_boundaries(whole, 1).sum() == 16 and not cell_boundaries(whole, 1)[2, 2]
+    two = np.ones((3, 7), dtype=np.uint8)
+    two[:, 4:] = 2
+    np.testing.assert_array_equal(cell_boundaries(two, 1)[1], [1, 0, 0, 1, 1, 0, 1])
+    with pytest.raises(WeightMapError, match="boundary width"):
+        cell_boundaries(labels, 0)
+
+
+def test_three_class_target_of_two_touching_cells():
+    # The docstring's example: two 3 x 3 cells side by side on background, width 1.
+    labels = np.zeros((5, 8), dtype=np.uint16)
+    labels[1:4, 1:4], labels[1:4, 4:7] = 1, 2
+    expected = np.zeros((5, 8), dtype=np.uint8)
+    expected[1:4, 1:3] = 2  # cell 1 gave up its right column to the gap: all boundary
+    expected[1:4, 4:7] = 2
+    expected[2, 5] = 1  # cell 2's centre is its interior
+    target = training_target(labels, "cells+boundaries", boundary_width=1)
+    np.testing.assert_array_equal(target, expected)
+    assert target.dtype == np.uint8
+    np.testing.assert_array_equal(training_target(labels), (expected > 0).astype(np.uint8))
+
+
+def test_three_class_interiors_of_touching_cells_never_touch():
+    labels = random_cells((120, 140), n_cells=40, seed=5)
+    target = training_target(labels, "cells+boundaries", boundary_width=2)
+    # Foreground is the binary target's, split into interior and boundary.
+    np.testing.assert_array_equal(target > 0, training_target(labels) > 0)
+    interiors, n = ndimage.label(target == 1)
+    owners = [np.unique(labels[interiors == k]) for k in range(1, n + 1)]
+    assert n > 20 and all(len(ids) == 1 for ids in owners)  # each seed inside one cell
+
+
+def test_class_weights_one_per_class_of_the_target():
+    labels = random_cells((60, 70), n_cells=12, seed=6)
+    separated = separate_touching(labels)
+    target = training_target(labels, "cells+boundaries")
+    counts = np.bincount(target.ravel(), minlength=3)
+    weights = weight_map(separated, w0=0.0, classes=target)
+    expected = class_weights_from_counts(counts)[target].astype(np.float32)
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    np.testing.assert_allclose(expected.mean(), 1.0, rtol=1e-6)  # N / (k N_c) averages to 1
+    given = weight_map(separated, 0.0, 5.0, [1.0, 2.0, 5.0], classes=target)
+    np.testing.assert_array_equal(given, np.array([1, 2, 5], np.float32)[target])
+    with pytest.raises(WeightMapError, match="one weight per class"):
+        weight_map(separated, classes=target, class_weights=[1.0, 2.0])
+
+
+def test_target_classes_follow_the_class_count():
+    assert target_classes(2) == TARGET_CLASSES["cells"] == ("background", "cell")
+    assert target_classes(3) == ("background", "cell", "boundary")
+    assert target_classes(4) == ("background", "class1", "class2", "class3")
