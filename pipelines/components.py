@@ -34,7 +34,7 @@ from scipy.sparse.csgraph import connected_components
 
 from pipelines.cluster import map_bounded
 from segcore.ngff import grown_region
-from segcore.separation import cut_touching, drop_small
+from segcore.separation import cut_touching, drop_small, split_at_boundaries
 
 ChunkIndex = tuple[int, int]
 Region = tuple[slice, slice]
@@ -337,13 +337,18 @@ def _clean_region(
     halo: int,
     cut_depth: float | None,
     min_size: int,
+    seeded: bool,
 ) -> None:
     """Cleaning task: one chunk's foreground, touching objects cut apart and small ones
     dropped, seeing `halo` px around it."""
     grown, inner = grown_region(region, halo, src.shape)
-    foreground = np.asarray(src[grown]) != 0
-    if cut_depth is not None:
-        foreground = cut_touching(foreground, h=cut_depth)
+    classes = np.asarray(src[grown])
+    if seeded:
+        foreground = split_at_boundaries(classes)
+    elif cut_depth is not None:
+        foreground = cut_touching(classes != 0, h=cut_depth)
+    else:
+        foreground = classes != 0
     if min_size > 1:
         # Window sides that are not the slide's own may cut an object: its size is unknown.
         open_sides = (
@@ -364,17 +369,21 @@ def clean_foreground(
     cut_depth: float | None = 2.0,
     min_size: int = 0,
     max_in_flight: int = 64,
+    seeded: bool = False,
 ) -> None:
-    """Write `src != 0` into `dst` with touching objects cut apart
-    (`segcore.separation.cut_touching`, when `cut_depth` is set) and objects of fewer than
+    """Write `src != 0` into `dst` with touching objects cut apart and objects of fewer than
     `min_size` px dropped, chunk by chunk with `halo` px of context: bounded memory for any
     slide, and equal to cleaning the whole map at once for objects smaller than the halo
     (and `min_size` <= halo). Labelling `dst` with `label_foreground` then gives the
-    instances."""
+    instances.
+
+    The cut: `seeded` splits a background / interior / boundary class map from its interior
+    seeds (`segcore.separation.split_at_boundaries`); otherwise, when `cut_depth` is set, a
+    watershed of the distance transform cuts the foreground (`cut_touching`)."""
     if src.shape != dst.shape:
         raise ComponentsError(f"{dst.store_path}: shape {dst.shape} does not match {src.shape}")
     jobs = (
-        (index, (src, dst, region, halo, cut_depth, min_size))
+        (index, (src, dst, region, halo, cut_depth, min_size, seeded))
         for index, region in chunk_regions(src.shape, write_grid(dst)).items()
     )
     for _ in map_bounded(client, _clean_region, jobs, max_in_flight):

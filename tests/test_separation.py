@@ -9,7 +9,8 @@ from pipelines.components import clean_foreground, label_foreground
 from pipelines.inference.outputs import InstanceRule, create_work_group, finish
 from pipelines.stage import Identity
 from segcore import ngff
-from segcore.separation import cut_touching, drop_small
+from segcore.separation import cut_touching, drop_small, split_at_boundaries
+from segcore.weights import cell_boundaries
 
 
 def disc(shape, centre, radius):
@@ -99,3 +100,78 @@ def test_chunk_wise_cleaning_equals_the_whole_map(tmp_path):
     whole = drop_small(cut_touching(mask), 20, (False,) * 4)
     np.testing.assert_array_equal(dst[...] != 0, whole)
     assert n_objects(whole) < n_objects(cut_touching(mask)) - 20  # specks were there to drop
+
+
+def boundary_map(shape, n, seed, width=2):
+    """A background / interior / boundary class map of touching discs (no gaps between them:
+    only the boundary class says where one ends), and the number of discs left visible."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    for k in range(1, n + 1):
+        labels[disc(shape, rng.uniform(0, shape), rng.uniform(5, 10))] = k
+    classes = (labels > 0).astype(np.uint8)
+    classes[cell_boundaries(labels, width)] = 2
+    return classes
+
+
+def test_boundary_split_by_hand():
+    row = np.array([[0, 0, 0, 0, 0, 0, 0, 0], [2, 1, 1, 2, 2, 1, 1, 2], [0] * 8])
+    expected = row > 0
+    expected[1, 3] = False  # where the two seeds' regions meet, on the first seed's side
+    np.testing.assert_array_equal(split_at_boundaries(row), expected)
+    # No interior: the component stays whole; nothing at all: nothing.
+    np.testing.assert_array_equal(split_at_boundaries(np.full((3, 3), 2)), np.ones((3, 3), bool))
+    assert not split_at_boundaries(np.zeros((4, 4), np.uint8)).any()
+
+
+def test_boundary_split_gives_each_seed_its_ring():
+    shape = (60, 80)
+    left, right = disc(shape, (30, 25), 12), disc(shape, (30, 45), 12)  # overlap 4 px
+    labels = np.where(right, 2, np.where(left, 1, 0))
+    classes = (labels > 0).astype(np.uint8)
+    classes[cell_boundaries(labels, 2)] = 2
+    assert n_objects(classes > 0) == 1
+    split = split_at_boundaries(classes)
+    assert n_objects(split) == 2
+    # Only a line between the seeds goes; each object is its seed plus its boundary ring.
+    assert 0 < (classes > 0).sum() - split.sum() <= 30
+    pieces, _ = ndimage.label(split)
+    for k in (1, 2):
+        assert len(np.unique(ndimage.label(classes == 1)[0][pieces == k])) == 2  # 0 and one seed
+    # A lone ring without interior is one object, next to split ones.
+    classes[2:5, 2:5] = 2
+    assert n_objects(split_at_boundaries(classes)) == 3
+
+
+def test_chunk_wise_boundary_split_equals_the_whole_map(tmp_path):
+    classes = boundary_map((300, 260), 160, seed=4)
+    whole = split_at_boundaries(classes)
+    assert n_objects(whole) > n_objects(classes > 0) + 10  # there was touching to split
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    src = ngff.create_array(group, "src", classes.shape, "uint8", (64, 64))
+    src[...] = classes
+    dst = ngff.create_array(group, "split", classes.shape, "uint8", (64, 64))
+    clean_foreground(src, dst, halo=40, seeded=True)
+    np.testing.assert_array_equal(dst[...] != 0, whole)
+
+
+def test_finish_builds_instances_from_boundary_seeds(tmp_path):
+    classes = boundary_map((256, 192), 90, seed=5)
+    classes_named = ("background", "cell", "boundary")
+    work = create_work_group(tmp_path / "out", classes.shape, 64, 2, None, 3, None, classes_named)
+    label = work.group["labels/segmentation"]
+    assert label.attrs["ome"]["image-label"]["properties"] == [
+        {"label-value": 1, "class": "cell"},
+        {"label-value": 2, "class": "boundary"},
+    ]
+    label["0"][...] = classes
+    identity = Identity(stage="infer", format=2, inputs={}, settings={})
+    plain = finish(work, None, 64, 2, None, InstanceRule(), 8, identity).n_components
+    assert plain == n_objects(classes > 0)  # class 2 is foreground too
+    rule = InstanceRule(cut_halo=48, seeded=True)
+    split = finish(work, None, 64, 2, None, rule, 8, identity).n_components
+    assert split == n_objects(split_at_boundaries(classes)) > plain + 5
+    attrs = work.group["labels/instances"].attrs["segflow"]
+    assert attrs["separation"] == "boundary" and attrs["cut_depth"] is None
+    instances = work.group["labels/instances/0"][...]
+    np.testing.assert_array_equal(instances != 0, split_at_boundaries(classes))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,8 +67,15 @@ def create_work_group(
     mpp: float | None,
     n_classes: int,
     probabilities: str | None,
+    classes: Sequence[str] = (),
 ) -> WorkGroup:
-    """Create (or reopen, when resuming) the run's empty segmentation and probability arrays."""
+    """Create (or reopen, when resuming) the run's empty segmentation and probability arrays.
+
+    The segmentation holds the model's classes as they are (0 background, 1 cell and, for a
+    model with a boundary class, 2 boundary), named in its NGFF "properties": the instances
+    pass seeds from the interior class, and every consumer takes foreground as class > 0
+    (`label_foreground`, exports of the instances, the benchmarks' Dice), so nothing is lost
+    by keeping the boundary and nothing reads 2 as a different object."""
     work = WorkGroup(root)
     if (root / _READY).exists():
         return work
@@ -81,7 +89,17 @@ def create_work_group(
             min_level_size=max(shape),  # one level: probabilities are for analysis, not viewing
             mpp=mpp,
         )
-    ngff.create_label(group, SEGMENTATION, shape, "uint8", n_levels, chunk_size, mpp=mpp)
+    properties = [{"label-value": v, "class": name} for v, name in enumerate(classes) if v]
+    ngff.create_label(
+        group,
+        SEGMENTATION,
+        shape,
+        "uint8",
+        n_levels,
+        chunk_size,
+        mpp=mpp,
+        properties=properties or None,
+    )
     (root / _READY).touch()
     return work
 
@@ -104,16 +122,26 @@ def _pyramid(
 
 @dataclass(frozen=True)
 class InstanceRule:
-    """How instances come from the class map: its foreground's connected components (edge
-    neighbours, `connectivity` 2 also diagonal ones), after touching objects are cut apart by
-    a watershed (`segcore.separation`) when `cut_depth` (its h, px) is set and objects of
-    fewer than `min_size` px dropped, each chunk seeing `cut_halo` px around it."""
+    """How instances come from the class map: its foreground's (class > 0) connected
+    components (edge neighbours, `connectivity` 2 also diagonal ones), after touching objects
+    are cut apart (`segcore.separation`): by a watershed from the interior class's components
+    when `seeded` (a background / interior / boundary map), else by a watershed of the
+    distance transform when `cut_depth` (its h, px) is set; and objects of fewer than
+    `min_size` px dropped, each chunk seeing `cut_halo` px around it."""
 
     connectivity: Literal[1, 2] = 1
     cut_depth: float | None = None
     cut_halo: int = 32
     #: Objects of fewer px are dropped (0: none), judged with the same halo.
     min_size: int = 0
+    seeded: bool = False
+
+    @property
+    def separation(self) -> str:
+        """The cut: "boundary" (seeded), "watershed" (distance transform) or "none"."""
+        if self.seeded:
+            return "boundary"
+        return "none" if self.cut_depth is None else "watershed"
 
 
 def finish(
@@ -144,7 +172,7 @@ def finish(
         overwrite=True,
     )
     foreground = segmentation
-    if rule.cut_depth is not None or rule.min_size > 1:
+    if rule.separation != "none" or rule.min_size > 1:
         # A work array beside the labels: removed with the journal, never installed.
         foreground = ngff.create_array(
             group, _CUT, shape, "uint8", segmentation.chunks, overwrite=True
@@ -157,6 +185,7 @@ def finish(
             rule.cut_depth,
             rule.min_size,
             max_in_flight,
+            seeded=rule.seeded,
         )
     labelling = label_foreground(foreground, instances[0], client, rule.connectivity, max_in_flight)
     for name in (SEGMENTATION, INSTANCES):
@@ -168,7 +197,8 @@ def finish(
             "n_instances": labelling.n_components,
             "seams": asdict(labelling),
             "connectivity": rule.connectivity,
-            "cut_depth": rule.cut_depth,
+            "separation": rule.separation,
+            "cut_depth": rule.cut_depth if rule.separation == "watershed" else None,
             "min_size": rule.min_size,
             "source": SEGMENTATION,
         },
