@@ -63,6 +63,7 @@ from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
 from segcore.orientation import OrientationSet, orientations
 from segcore.store import LABELS_GROUP, SEGMENTATION, SlideStore
+from segcore.weights import target_classes
 
 #: Bumped when the bytes a run writes change for the same model and settings.
 OUTPUT_FORMAT = 2
@@ -101,11 +102,13 @@ class InferConfig(BaseModel):
     #: pass): "flips" (4 passes), "dihedral" (8: flips and 90-degree rotations).
     test_time_augmentation: OrientationSet = "none"
     connectivity: Literal[1, 2] = 1
-    #: Instances: the foreground's connected components ("none"), or after touching objects
-    #: are cut apart by a watershed from the distance transform's h-maxima of at least
-    #: `separation_depth` px, each chunk seeing `separation_halo` px around it (set it to at
-    #: least an object's diameter).
-    separation: Literal["none", "watershed"] = "none"
+    #: Instances: the foreground's (class > 0) connected components ("none"), or after
+    #: touching objects are cut apart by a watershed, each chunk seeing `separation_halo` px
+    #: around it (set it to at least an object's diameter): "watershed" floods from the
+    #: distance transform's h-maxima of at least `separation_depth` px; "boundary", for a
+    #: model with a boundary class (trained on target "cells+boundaries"), from the
+    #: components of its interior class, each taking its own ring of boundary.
+    separation: Literal["none", "watershed", "boundary"] = "none"
     separation_depth: float = Field(default=2.0, gt=0)
     separation_halo: int = Field(default=32, ge=1)
     #: Instances of fewer level-0 px are dropped (specks); 0 keeps every one. Judged with
@@ -344,6 +347,13 @@ def _segment(
             f"{slide.path}: model {model.uri} expects {model.config['in_channels']} channels, "
             f"the slide has {channels}"
         )
+    classes = target_classes(model.config["n_classes"])
+    if config.separation == "boundary" and "boundary" not in classes:
+        raise InferError(
+            f"{slide.path}: separation 'boundary' needs a model with a boundary class, but "
+            f"{model.uri} predicts {list(classes)}; train on target 'cells+boundaries' or use "
+            "separation 'watershed'"
+        )
     geometry = UNetGeometry(model.config["depth"], model.config["padding"])
     plan = plan_slide(
         (height, width),
@@ -384,6 +394,7 @@ def _segment(
             mpp,
             model.config["n_classes"],
             config.probabilities,
+            classes,
         )
         resumed = len(journal.done())
         task = progress.slide(slide.name, len(plan.blocks), resumed)
@@ -406,6 +417,7 @@ def _segment(
                     config.separation_depth if config.separation == "watershed" else None,
                     config.separation_halo,
                     config.min_object_size,
+                    seeded=config.separation == "boundary",
                 ),
                 session.max_in_flight,
                 identity,

@@ -31,7 +31,7 @@ from segcore import ngff
 from segcore.checkpoint import save_unet
 from segcore.model import UNet
 from segcore.orientation import orientations
-from segcore.separation import cut_touching
+from segcore.separation import cut_touching, split_at_boundaries
 from segcore.store import STORE_FORMAT, SlideStore
 from segcore.tiling import predict_tiled
 
@@ -423,3 +423,31 @@ def test_export_as_inference_finishes(tmp_path, model_file, client):
     table.unlink()
     infer_slide(store, model_file, exporting, client)
     assert table.exists()
+
+
+def test_boundary_separation_seeds_from_the_interior_class(tmp_path, model_file, client):
+    torch.manual_seed(3)
+    three = UNet(3, 3, base_channels=4, depth=3, dropout=0.0).eval()
+    with torch.no_grad():
+        three.down[0][0].weight /= 255.0
+        logits = three(torch.rand(1, 3, 200, 200) * 255)[0]
+        three.head.bias -= logits.flatten(1).median(dim=1).values  # every class shows up
+    path = tmp_path / "three.pt"
+    save_unet(three, path)
+    store = make_store(tmp_path / "s.zarr", smooth_image((200, 230), seed=14))
+    # A halo wider than the slide: every chunk sees everything, so the split equals the whole's.
+    split = config(separation="boundary", separation_halo=256, block_size=104)
+    result = infer_slide(store, path, split, client)
+    slide = SlideStore.open(store)
+    classes = slide.group["labels/segmentation/0"][...]
+    assert set(np.unique(classes)) == {0, 1, 2}  # the class map keeps the boundary
+    properties = slide.group["labels/segmentation"].attrs["ome"]["image-label"]["properties"]
+    assert [p["class"] for p in properties] == ["cell", "boundary"]
+    expected, n = ndimage.label(split_at_boundaries(classes))
+    assert result.n_instances == n > ndimage.label(classes > 0)[1]
+    assert_same_partition(slide.group["labels/instances/0"][...], expected)
+    # A model without a boundary class has no seeds to split from: refused in one line.
+    binary = make_store(tmp_path / "b.zarr", smooth_image((120, 140), seed=15))
+    with pytest.raises(InferError, match="needs a model with a boundary class") as error:
+        infer_slide(binary, model_file, split, client)
+    assert "\n" not in str(error.value)
