@@ -49,6 +49,7 @@ from pipelines.training.tracking import (
     learning_curve,
     unique_run_name,
 )
+from pipelines.weightmaps import recorded_classes
 from segcore.checkpoint import save_unet, unet_state_dict
 from segcore.geometry import UNetGeometry
 from segcore.normalization import Normalization
@@ -103,7 +104,23 @@ def _stain_statistics(config: TrainConfig, datamodule: SlideTileDataModule) -> d
     return stain_statistics(tiles)
 
 
-def _unet_config(config: TrainConfig, channels: int) -> dict:
+def _target_classes(config: TrainConfig) -> tuple[str, ...]:
+    """The class names of the training and validation stores' targets, as the weights stage
+    recorded them; every store must have the same."""
+    paths = [*config.stores, *config.val_stores, *(r.store for r in config.val_regions)]
+    found: dict[tuple[str, ...], Path] = {}
+    for path in paths:
+        found.setdefault(recorded_classes(Path(path)), Path(path))
+    if len(found) > 1:
+        seen = "; ".join(f"{list(classes)} in {path}" for classes, path in found.items())
+        raise TrainError(
+            f"stores disagree on the target's classes ({seen}); compute their weight maps "
+            "with the same target"
+        )
+    return next(iter(found))
+
+
+def _unet_config(config: TrainConfig, channels: int, classes: tuple[str, ...]) -> dict:
     model = config.model.model_dump()
     if model["in_channels"] is None:
         model["in_channels"] = channels
@@ -111,14 +128,25 @@ def _unet_config(config: TrainConfig, channels: int) -> dict:
         raise TrainError(
             f"model.in_channels is {model['in_channels']} but the stores have {channels} channels"
         )
+    # The output follows the target; a configured count must agree with it.
+    if "n_classes" in config.model.model_fields_set and model["n_classes"] != len(classes):
+        raise TrainError(
+            f"model.n_classes is {model['n_classes']} but the stores' target has "
+            f"{len(classes)} classes {list(classes)}; leave n_classes unset"
+        )
+    model["n_classes"] = len(classes)
     return model
 
 
 def _build_module(
-    config: TrainConfig, tile: TileShape, channels: int, normalization: Normalization
+    config: TrainConfig,
+    tile: TileShape,
+    channels: int,
+    normalization: Normalization,
+    classes: tuple[str, ...],
 ) -> UNetModule:
     return UNetModule(
-        unet_config=_unet_config(config, channels),
+        unet_config=_unet_config(config, channels, classes),
         normalization=normalization.model_dump(),
         tile_output=tile.output,
         loss=config.loss,
@@ -140,6 +168,7 @@ def _finish_run(
     tracker: RunTracker,
     best: ModelCheckpoint | None,
     last_path: Path,
+    classes: tuple[str, ...],
 ) -> dict:
     """Rank 0 after fit: export the best model, log and register it, draw the curves."""
     if best is not None and best.best_model_path:
@@ -148,7 +177,9 @@ def _finish_run(
         checkpoint, val_iou = last_path, float("nan")
     _load_best_weights(module, checkpoint)
     exported = module.exported_unet()
-    metadata = model_metadata(exported, module.normalization, tile, tracker.extra_params["stain"])
+    metadata = model_metadata(
+        exported, module.normalization, tile, classes, tracker.extra_params["stain"]
+    )
     weights = tracker.run_dir / WEIGHTS_FILE
     save_unet(exported, weights, extra={"metadata": metadata})
     registration = log_and_register(
@@ -210,7 +241,8 @@ def _train(config: TrainConfig) -> TrainResult:
     if config.augment_enabled:
         config.augment.check_channels(datamodule.channels)  # before any work, in one line
     normalization = _normalization(config, datamodule, resume_payload)
-    module = _build_module(config, tile, datamodule.channels, normalization)
+    classes = _target_classes(config)
+    module = _build_module(config, tile, datamodule.channels, normalization, classes)
 
     last = ModelCheckpoint(
         filename="step{step:07d}",
@@ -230,6 +262,7 @@ def _train(config: TrainConfig) -> TrainResult:
             "tile": asdict(tile),
             "normalization": normalization.model_dump(),
             "stain": _stain_statistics(config, datamodule),
+            "classes": list(classes),
         },
         resumed=resume is not None,
         checkpoints=checkpoints,
@@ -287,7 +320,7 @@ def _train(config: TrainConfig) -> TrainResult:
         "resumed_from_step": resume_payload["global_step"] if resume_payload else None,
     }
     if trainer.is_global_zero:
-        result |= _finish_run(config, module, tile, tracker, best, last_path)
+        result |= _finish_run(config, module, tile, tracker, best, last_path, classes)
     return TrainResult(**result)
 
 
@@ -313,6 +346,8 @@ def run_training(config: TrainConfig) -> TrainResult:
         path = Path(folder) / "train.yaml"
         # Without tracking_uri: the child's entry point (main) takes it from MLFLOW_TRACKING_URI.
         settings = config.model_dump(mode="json", exclude={"tracking_uri"})
+        if "n_classes" not in config.model.model_fields_set:
+            del settings["model"]["n_classes"]  # the child takes it from the stores, as here
         path.write_text(yaml.safe_dump(settings, sort_keys=False))
         command = [sys.executable, "-m", "pipelines.train", "--config", str(path)]
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)

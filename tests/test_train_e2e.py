@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 from mlflow.tracking import MlflowClient
+from scipy import ndimage
 from train_stores import disk_store, synthetic_store, tiny_config
 
 from pipelines.models import ModelLoadError, load_model
-from pipelines.train import TrainConfig, TrainResult, train
+from pipelines.train import TrainConfig, TrainError, TrainResult, train
 from pipelines.training.registry import CANDIDATE, CHAMPION, promote
 from segcore.metrics import segmentation_scores
 from segcore.store import SlideStore
 from segcore.tiling import predict_tiled
+from segcore.weights import target_of_separated
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +174,43 @@ def test_rgb_models_keep_their_stain_statistics_and_grey_refuses_stain_jitter(tm
     config = TrainConfig.model_validate(tiny_config(tmp_path / "g", [grey], [], augment=jitter))
     with pytest.raises(ValueError, match="stain jitter .* needs RGB images, got 1 channel"):
         train(config)
+
+
+def three_class_store(path: Path, seed: int, size: int) -> Path:
+    """A disk store whose target is background / interior / boundary, recorded as the weights
+    stage records it (its cells are the binary target's components, already separated)."""
+    disk_store(path, size=size, seed=seed)
+    group = zarr.open_group(path / "training", mode="r+")
+    cells, _ = ndimage.label(group["target"][...])
+    group["target"][...] = target_of_separated(cells, "cells+boundaries", boundary_width=1)
+    group.attrs["segflow"] = {"classes": ["background", "cell", "boundary"]}
+    return path
+
+
+@pytest.mark.slow
+def test_three_class_stores_train_a_three_class_model_with_its_classes(tmp_path):
+    train_store = three_class_store(tmp_path / "train.zarr", seed=0, size=96)
+    val_store = three_class_store(tmp_path / "val.zarr", seed=1, size=72)
+    steps = {"max_steps": 2, "steps_per_epoch": 2}
+    config = TrainConfig.model_validate(tiny_config(tmp_path, [train_store], [val_store], **steps))
+    result = train(config)
+    metadata = torch.load(result.weights, weights_only=True)["metadata"]
+    assert metadata["classes"] == ["background", "cell", "boundary"]
+    assert metadata["unet_config"]["n_classes"] == 3
+    # The champion is picked on the foreground (class > 0), comparable with binary models.
+    assert 0.0 <= result.metrics["best_val_iou"] <= 1.0
+    model = load_model(result.model_uri, tracking_uri=config.resolved_tracking_uri)
+    assert model.config.n_classes == 3
+
+
+def test_stores_and_config_must_agree_on_the_classes(tmp_path):
+    train_store = three_class_store(tmp_path / "train.zarr", seed=0, size=96)
+    steps = {"max_steps": 2, "steps_per_epoch": 2}
+    binary = disk_store(tmp_path / "binary.zarr", size=96, seed=2)
+    mixed = tiny_config(tmp_path / "m", [train_store, binary], [], **steps)
+    with pytest.raises(TrainError, match="stores disagree on the target's classes"):
+        train(TrainConfig.model_validate(mixed))
+    contradicting = tiny_config(tmp_path / "c", [train_store], [], **steps)
+    contradicting["model"] = {**contradicting["model"], "n_classes": 2}
+    with pytest.raises(TrainError, match="model.n_classes is 2 but the stores' target has 3"):
+        train(TrainConfig.model_validate(contradicting))

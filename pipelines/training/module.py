@@ -6,7 +6,9 @@ image, target and weight), crops target and weight to the network's valid output
 the image and computes the loss. Validation predicts held-out regions block by block with
 inference's planner and overlap-tile engine (segcore.tiling), and adds the blocks up to each
 region's scores (segcore.block_scores): the scores inference will reach on the whole region,
-not those of patches, in memory set by the block size rather than by the region's.
+not those of patches, in memory set by the block size rather than by the region's. They score
+the foreground (class > 0 against target > 0), so a model trained on background / interior /
+boundary is picked and compared by the same numbers as a background / cell one.
 """
 
 from __future__ import annotations
@@ -164,8 +166,10 @@ class UNetModule(pl.LightningModule):
         if not batch["count"]:
             return  # a copy that only pads this rank's share under DDP
         tiles = TilePlan(**batch["tiles"])
-        prediction = self._predict_block(batch["padded"], tiles)
-        index, (i, j), target = batch["index"], batch["block"], batch["target"]
+        # Foreground vs foreground: the same scores whatever classes the target splits it in.
+        prediction = (self._predict_block(batch["padded"], tiles) > 0).astype(np.uint8)
+        index, (i, j) = batch["index"], batch["block"]
+        target = (np.asarray(batch["target"]) > 0).astype(np.uint8)
         rows, cols = batch["row_edges"], batch["col_edges"]
         if index not in self._regions:
             self._regions[index] = SlideScores(rows, cols)

@@ -11,6 +11,7 @@ the current champion's (recorded as the version tag `val_iou`), or when there is
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +44,25 @@ class Registration:
     aliases: tuple[str, ...]
 
 
+class RegistryError(ValueError):
+    """Model metadata that does not describe the model."""
+
+
 def model_metadata(
-    model: UNet, normalization: Normalization, tile: TileShape, stain: dict | None = None
+    model: UNet,
+    normalization: Normalization,
+    tile: TileShape,
+    classes: Sequence[str],
+    stain: dict | None = None,
 ) -> dict:
     """What inference needs beside the weights: config, geometry, expected input (with the
-    training tiles' H&E stain statistics for RGB models, `segcore.stain.stain_statistics`)."""
+    training tiles' H&E stain statistics for RGB models, `segcore.stain.stain_statistics`),
+    and the names of the output classes, by class value (the training target's)."""
+    if len(classes) != model.config.n_classes:
+        raise RegistryError(
+            f"{len(classes)} class names {list(classes)} for a model with "
+            f"{model.config.n_classes} outputs"
+        )
     geometry = model.geometry
     smallest = geometry.valid_input_size(1)
     second = geometry.valid_input_size(geometry.output_size(smallest) + 1)
@@ -71,7 +86,7 @@ def model_metadata(
             "normalization_std": normalization.std,
             "stain_statistics": stain,
         },
-        "classes": ["background", "cell"][: model.config.n_classes],
+        "classes": list(classes),
     }
 
 
