@@ -1,7 +1,8 @@
 """The contract every store-writing stage (ingest, weight maps, inference) follows.
 
     plan      what the output would be made from: an `Identity` (the inputs' identity, the
-              settings that change the output, the stage's format version, the model digest)
+              settings that change the output, the stage's format version, the model digest,
+              and for a model's output the `NumericLayout` it is computed under)
     current?  `StageOutput.is_current`: the identity recorded with the installed output
               equals the wanted one; then the stage answers "skipped"
     run       Dask work through one bounded submitter (`pipelines.cluster.map_bounded`)
@@ -38,6 +39,7 @@ import zarr
 from pydantic import BaseModel, ConfigDict
 
 from pipelines.cluster import SchedulerLostError
+from pipelines.numerics import NumericLayout
 from pipelines.progress import RunProgress, run_progress
 from segcore.errors import one_line
 
@@ -50,7 +52,8 @@ Status = Literal["written", "skipped", "failed"]
 
 class Identity(BaseModel):
     """What one stage output was made from; two outputs with equal identities are the same
-    bytes. `inputs` names the inputs' content (checksums, the upstream identity keys)."""
+    bytes. `inputs` names the inputs' content (checksums, the upstream identity keys);
+    `numerics` the layout a model's output was computed under (None: no model arithmetic)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -59,12 +62,17 @@ class Identity(BaseModel):
     inputs: dict[str, Any]
     settings: dict[str, Any]
     model: str | None = None
+    numerics: NumericLayout | None = None
 
     @property
     def key(self) -> str:
-        """A short stable hash of the whole identity (names journal folders, cache keys)."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """A short stable hash of the whole identity (names journal folders, cache keys).
+        An identity without `numerics` hashes as it did before the field existed, so the
+        stages that run no model keep their recorded keys."""
+        payload = self.model_dump(
+            mode="json", exclude={"numerics"} if self.numerics is None else None
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

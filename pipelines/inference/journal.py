@@ -7,8 +7,10 @@ Layout inside the output store (ignored by Zarr and NGFF readers: no zarr.json a
         done/<block>.json     written after all chunks of the block are on disk
         labels/..., probabilities/...   the run's outputs until they are moved into place
 The run key is the key of the output's identity (`pipelines.stage.Identity`: the input store,
-the model's digest, every setting that changes output bytes), so a different model or
-setting starts afresh instead of mixing blocks from two runs.
+the model's digest, every setting that changes output bytes, the numeric layout the blocks
+are computed under), so a different model, setting or layout (device, precision, torch
+threads per pass, torch version: `pipelines.numerics`) starts afresh instead of mixing
+blocks from two runs.
 """
 
 from __future__ import annotations
