@@ -39,7 +39,14 @@ from pipelines.cluster import (
 from pipelines.export import Format, export_paths, export_store
 from pipelines.inference.blocks import BlockJob, run_block
 from pipelines.inference.journal import Journal, run_lock
-from pipelines.inference.model import ModelPlugin, ModelSource, worker_profiles, workers_per_host
+from pipelines.inference.model import (
+    ModelPlugin,
+    ModelSource,
+    common_layout,
+    use_layout,
+    worker_profiles,
+    workers_per_host,
+)
 from pipelines.inference.outputs import (
     InstanceRule,
     WorkGroup,
@@ -54,6 +61,7 @@ from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.inference.report import print_summary
 from pipelines.inference.source import resolve_model
 from pipelines.ingest import SLIDE_STORE
+from pipelines.numerics import NumericLayout
 from pipelines.progress import RunProgress
 from pipelines.redaction import RedactedUri
 from pipelines.runtime import Runtime
@@ -153,6 +161,8 @@ class _Session:
     tile_size: int
     precision: str
     max_in_flight: int
+    #: What every block of the session is computed under (part of each output's identity).
+    numerics: NumericLayout
 
 
 @contextmanager
@@ -176,20 +186,23 @@ def _session(
             client.register_plugin(plugin, name=name)
             stack.callback(_unregister, client, name)
             profiles = worker_profiles(client, name, config.batch_size)
-        devices = sorted({device for device, _ in profiles})
-        if len(devices) != 1:
-            raise InferError(f"workers disagree on the device ({devices}); set device explicitly")
-        precision = config.precision
-        if precision == "auto":
-            precision = "bfloat16" if devices[0] == "cuda" else "float32"
+            precision = config.precision
+            if precision == "auto":
+                precision = "bfloat16" if profiles[0].device == "cuda" else "float32"
+            try:
+                numerics = common_layout(profiles, precision)
+            except ValueError as exc:
+                raise InferError(str(exc)) from None
+            use_layout(client, name, numerics)
         yield _Session(
             client=client,
             source=source,
             plugin=name,
-            device_type=devices[0],
-            tile_size=config.tile_size or min(tile for _, tile in profiles),
+            device_type=numerics.device,
+            tile_size=config.tile_size or min(p.tile_size for p in profiles),
             precision=precision,
             max_in_flight=config.max_in_flight or default_in_flight(client),
+            numerics=numerics,
         )
 
 
