@@ -381,6 +381,7 @@ def _segment(
         inputs={"store": SLIDE_STORE.recorded_key(slide.path), "shape": list(plan.shape)},
         settings=_settings(session, plan, config),
         model=model.digest,
+        numerics=session.numerics,
     )
     key = identity.key
     output = slide.path if config.output_dir is None else config.output_dir / slide.path.name
