@@ -25,7 +25,7 @@ from pipelines.training.data import (
 from segcore import ngff
 from segcore.geometry import UNetGeometry
 from segcore.model import UNet
-from segcore.store import STORE_FORMAT, SlideStore
+from segcore.store import STORE_FORMAT, SlideStore, StoreError
 from segcore.tiling import TilePlan, plan_tiles
 
 
@@ -167,3 +167,32 @@ def test_config_round_trips_through_yaml(tmp_path, store):
     assert again.model_copy(update={"optimizer": config.optimizer, "augment": config.augment}) == (
         config
     )
+
+
+def test_cached_tiles_equal_uncached_tiles_and_the_cache_stays_in_budget(tmp_path):
+    # 96 px slide in 64 px chunks: tiles cross chunk faces and the slide's mirrored edges, and
+    # the budget holds half of the 4 chunk positions' image + target + weight, so chunks go.
+    path = disk_store(tmp_path / "c.zarr", size=96, seed=3, channels=2)
+    tile = tile_shape(UNetGeometry(depth=3), None, 32)
+    plain = TileDataset([path], tile, with_weight=True)
+    chunk_bytes = 64 * 64 * (2 + 1 + 4)  # image (2 channels, uint8), target, weight (float32)
+    cached = TileDataset([path], tile, with_weight=True, cache_bytes=2 * chunk_bytes)
+    rng = np.random.default_rng(0)
+    for y, x in rng.integers(-10, 90, size=(40, 2)):
+        want, got = plain[(0, int(y), int(x))], cached[(0, int(y), int(x))]
+        for key in ("image", "target", "weight"):
+            np.testing.assert_array_equal(got[key].numpy(), want[key].numpy())
+        assert 0 < cached.stores.cache.size <= 2 * chunk_bytes
+
+
+def test_a_corrupt_chunk_is_named_through_the_cache(tmp_path):
+    path = disk_store(tmp_path / "d.zarr", size=96, seed=4, channels=1)
+    chunk = path / "training" / "weight" / "c" / "0" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"\x00" * 16)
+    tile = tile_shape(UNetGeometry(depth=3), None, 32)
+    dataset = TileDataset([path], tile, with_weight=True, cache_bytes=2**20)
+    with pytest.raises(StoreError, match="chunk"):
+        dataset[(0, 0, 0)]
+    with pytest.raises(StoreError, match="chunk"):  # not kept as zeros after the failure
+        dataset[(0, 0, 0)]

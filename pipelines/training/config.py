@@ -118,6 +118,8 @@ class TrainConfig(BaseModel):
     precision: str = "auto"
     #: DataLoader worker processes.
     num_workers: int = Field(default=2, ge=0)
+    #: Decoded chunks each loader process keeps for the next tiles (MiB); 0 = none.
+    loader_cache_mb: int = Field(default=512, ge=0)
     seed: int = 0
     #: Where checkpoints and the embedded MLflow store live.
     workdir: Path = DEFAULT_WORKDIR

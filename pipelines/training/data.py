@@ -28,6 +28,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.inference.plan import SlidePlan, plan_slide
+from pipelines.training.chunk_cache import ChunkCache
 from pipelines.training.config import TrainConfig
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
@@ -207,60 +208,97 @@ def _whole(array: zarr.Array) -> tuple[slice, ...]:
     return (slice(None),) * array.ndim
 
 
-def read_mirrored(array: zarr.Array, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """array[..., rows, cols] for mirrored index vectors: one bounding-box read, then a gather.
+def read_mirrored(
+    array: zarr.Array, rows: np.ndarray, cols: np.ndarray, cache: ChunkCache | None = None
+) -> np.ndarray:
+    """array[..., rows, cols] for mirrored index vectors: one bounding-box read (through
+    `cache` where given), then a gather.
 
     A chunk that fails to decode raises `StoreError` naming it (`read_checked`)."""
     r0, r1 = int(rows.min()), int(rows.max()) + 1
     c0, c1 = int(cols.min()), int(cols.max()) + 1
-    lead = (slice(None),) * (array.ndim - 2)
-    block = read_checked(array, (*lead, slice(r0, r1), slice(c0, c1)))
-    return block[..., (rows - r0)[:, None], (cols - c0)[None, :]]
+    if cache is None:
+        lead = (slice(None),) * (array.ndim - 2)
+        block = read_checked(array, (*lead, slice(r0, r1), slice(c0, c1)))
+    else:
+        block = cache.read(array, slice(r0, r1), slice(c0, c1))
+    return _gather(_gather(block, rows - r0, axis=-2), cols - c0, axis=-1)
+
+
+def _gather(block: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """`block` indexed by `index` along `axis`: a view where `index` is a plain run (a tile
+    away from the slide's edges), else one 1-D take (several times faster than one 2-D
+    fancy index over both axes at once)."""
+    if index[0] == 0 and index[-1] == block.shape[axis] - 1 == len(index) - 1:
+        return block  # the bounding box of a plain run is the run itself
+    return np.take(block, index, axis=axis)
+
+
+@dataclass(frozen=True)
+class _OpenStore:
+    """The arrays a training tile reads, opened once per process (opening costs milliseconds,
+    as much as reading a cached tile)."""
+
+    image: zarr.Array
+    target: zarr.Array
+    weight: zarr.Array | None
+
+    @classmethod
+    def open(cls, path: Path) -> _OpenStore:
+        store = SlideStore(path)
+        return cls(store.image(0), store.target, store.weight)
 
 
 class _LazyStores:
-    """Zarr arrays opened on first use in each process (DataLoader workers fork or spawn)."""
+    """Zarr arrays and a chunk cache made on first use in each process (DataLoader workers
+    fork or spawn, and neither open arrays nor cached chunks should travel with them)."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], cache_bytes: int) -> None:
         self.paths = paths
+        self.cache_bytes = cache_bytes
         self._pid: int | None = None
-        self._stores: list[SlideStore] = []
+        self._stores: list[_OpenStore] = []
+        self.cache = ChunkCache(cache_bytes)
 
     def __getstate__(self) -> dict:
-        return {"paths": self.paths, "_pid": None, "_stores": []}
+        return {"paths": self.paths, "cache_bytes": self.cache_bytes, "_pid": None}
 
-    def __getitem__(self, index: int) -> SlideStore:
+    def __getitem__(self, index: int) -> _OpenStore:
         if self._pid != os.getpid():
-            self._stores = [SlideStore(path) for path in self.paths]
+            self._stores = [_OpenStore.open(path) for path in self.paths]
+            self.cache = ChunkCache(self.cache_bytes)
             self._pid = os.getpid()
         return self._stores[index]
 
 
 class TileDataset(Dataset):
-    """Reads the input tile, target and weight around one output origin (mirrored at edges).
+    """Reads the input tile, target and weight around one output origin (mirrored at edges),
+    keeping up to `cache_bytes` of decoded chunks per process (`ChunkCache`).
 
     Indexed by `TileSampler` positions, so it has no length of its own.
     """
 
-    def __init__(self, paths: list[Path], tile: TileShape, with_weight: bool) -> None:
-        self.stores = _LazyStores(paths)
+    def __init__(
+        self, paths: list[Path], tile: TileShape, with_weight: bool, cache_bytes: int = 0
+    ) -> None:
+        self.stores = _LazyStores(paths, cache_bytes)
         self.tile = tile
         self.with_weight = with_weight
 
     def __getitem__(self, position: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         s, y, x = position
         store = self.stores[s]
-        image = store.image(0)
-        height, width = image.shape[1:]
+        cache = self.stores.cache
+        height, width = store.image.shape[1:]
         m, t = self.tile.margin, self.tile.input
         rows = reflect_indices(y - m, y - m + t, height)
         cols = reflect_indices(x - m, x - m + t, width)
         item = {
-            "image": torch.from_numpy(read_mirrored(image, rows, cols)),
-            "target": torch.from_numpy(read_mirrored(store.target, rows, cols)),
+            "image": torch.from_numpy(read_mirrored(store.image, rows, cols, cache)),
+            "target": torch.from_numpy(read_mirrored(store.target, rows, cols, cache)),
         }
         if self.with_weight:
-            weight = read_mirrored(store.weight, rows, cols).astype(np.float32, copy=False)
+            weight = read_mirrored(store.weight, rows, cols, cache).astype(np.float32, copy=False)
             item["weight"] = torch.from_numpy(weight)
         return item
 
@@ -428,7 +466,12 @@ class SlideTileDataModule(pl.LightningDataModule):
         )
 
     def dataset(self) -> TileDataset:
-        return TileDataset([s.path for s in self.stores], self.tile, self.with_weight)
+        return TileDataset(
+            [s.path for s in self.stores],
+            self.tile,
+            self.with_weight,
+            cache_bytes=self.config.loader_cache_mb * 2**20,
+        )
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is None:
