@@ -37,6 +37,8 @@ from segcore.tiling import predict_tiled
 
 TILE, BATCH = 92, 3  # depth 3: 92 px in, 52 out, stride 52
 THREADS = ClusterConfig(n_workers=1, threads_per_worker=2, processes=False)
+#: What Dask's process clusters set to 1 for their workers, in this process's environment too.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def _expressive_unet(seed: int = 0) -> UNet:
@@ -204,7 +206,10 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, model_file, client):
             str(store),
             str(model_file),
             killed_settings.model_dump_json(),
-        ]
+        ],
+        # The same numeric layout as the resume below: an earlier process cluster in this
+        # test process left Dask's one-thread worker environment behind for children.
+        env={**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(torch.get_num_threads()))},
     )
     done_dir = tmp_path / "b" / "s.zarr" / JOURNAL_DIR
     deadline = time.monotonic() + 300
