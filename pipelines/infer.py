@@ -157,9 +157,7 @@ class _Session:
     client: Client
     source: ModelSource
     plugin: str
-    device_type: str
     tile_size: int
-    precision: str
     max_in_flight: int
     #: What every block of the session is computed under (part of each output's identity).
     numerics: NumericLayout
@@ -198,9 +196,7 @@ def _session(
             client=client,
             source=source,
             plugin=name,
-            device_type=numerics.device,
             tile_size=config.tile_size or min(p.tile_size for p in profiles),
-            precision=precision,
             max_in_flight=config.max_in_flight or default_in_flight(client),
             numerics=numerics,
         )
@@ -277,13 +273,12 @@ def _export(result: InferResult, formats: list[Format], session: _Session) -> li
 
 
 def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
-    """Every setting that changes the bytes written, resolved."""
+    """Every setting that changes the bytes written, resolved; device and precision are in
+    the session's numeric layout, which the identity records beside these."""
     return {
         "tile_size": plan.tiles.tile_size[0],
         "batch_size": config.batch_size,
         "block_size": plan.chunk_side,
-        "device": session.device_type,
-        "precision": session.precision,
         "channels_last": config.channels_last,
         "compile": config.compile,
         "probabilities": config.probabilities,
@@ -331,7 +326,7 @@ def _jobs(
             probability_format=config.probabilities,
             marker=journal.marker(block.name),
             batch_size=config.batch_size,
-            precision=session.precision,
+            precision=session.numerics.precision,
             skip_background=config.skip_background,
         )
         yield block.name, (job,)
