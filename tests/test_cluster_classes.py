@@ -1,0 +1,61 @@
+"""Cluster -> class mapping (segcore.cluster_classes): given ids, and the stated automatic rule
+(darkest haematoxylin for H&E, brightest for fluorescence)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segcore.cluster_classes import (
+    ClusterMappingError,
+    cluster_means,
+    foreground,
+    parse_cluster_ids,
+    propose_nucleus,
+    stain_feature,
+)
+
+
+def test_cluster_ids_parse_from_text_and_lists():
+    assert parse_cluster_ids("7, 3,7") == (3, 7)
+    assert parse_cluster_ids(4) == (4,)
+    assert parse_cluster_ids([2, 1]) == (1, 2)
+    for bad in ("3,x", "", "-1"):
+        with pytest.raises(ClusterMappingError, match="cluster ids"):
+            parse_cluster_ids(bad)
+
+
+def test_haematoxylin_ranks_purple_nuclei_above_pink_stroma_and_glass():
+    # Columns: glass, eosin-pink stroma, haematoxylin-purple nucleus (segcore.synthetic's colours).
+    colours = np.array([[241, 240, 244], [208, 112, 164], [80, 40, 140]], np.uint8)
+    image = colours.T[:, None, :]  # (3, 1, 3)
+    h = stain_feature(image)[0]
+    assert h[2] > h[1] and h[2] > h[0]
+
+
+def test_the_darkest_haematoxylin_cluster_is_proposed():
+    means = np.array([0.01, 0.09, 0.04])
+    counts = np.array([600, 250, 150])
+    assert propose_nucleus(means, counts) == 1
+    # A speck of very dark pixels (0.5 % of the pixels) is passed over.
+    assert propose_nucleus(np.append(means, 0.5), np.append(counts, 5)) == 1
+
+
+def test_on_fluorescence_the_brightest_cluster_is_nucleus():
+    image = np.zeros((1, 4, 4), np.uint16)
+    image[0, :2] = 900
+    image[0, 2:] = 40
+    clusters = np.zeros((4, 4), np.uint8)
+    clusters[:2] = 3
+    means, counts = cluster_means(clusters, stain_feature(image), n_clusters=5)
+    assert np.isnan(means[1]) and counts[1] == 0
+    assert means[3] == 900 and means[0] == 40
+    assert propose_nucleus(means, counts) == 3
+    np.testing.assert_array_equal(foreground(clusters, (3,)), (clusters == 3).astype(np.uint8))
+
+
+def test_images_no_rule_fits_are_refused():
+    with pytest.raises(ClusterMappingError, match="nucleus=3,7"):
+        stain_feature(np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ClusterMappingError, match="no clustered pixels"):
+        propose_nucleus(np.full(3, np.nan), np.zeros(3, np.int64))
