@@ -1,0 +1,493 @@
+"""Label bootstrap under the stage contract (`pipelines.stage`): training labels for unlabelled
+slide stores by differentiable feature clustering (`segcore.bootstrap`).
+
+For an archive of unlabelled stores (ingested without label images):
+
+  sample    `n_tiles` tiles of `tile_size` px from the tissue of all slides, a slide's share
+            its tissue area (seeded by `clustering.seed`, independent of the order stores are
+            named in), so one network sees every slide
+  train     one clustering network on them (`segcore.bootstrap.fit_clustering`), so a cluster
+            id means the same thing on every slide
+  map       which clusters are nuclei: `nucleus` as given (e.g. nucleus=3,7), else the stated
+            rule of `segcore.cluster_classes` over the clusters of the training tiles (darkest
+            haematoxylin for H&E, brightest for one-channel fluorescence)
+  write     per store, block by block on Dask (`pipelines.cluster.map_bounded`), each block
+            read with a halo of M px (`receptive_halo`) so the blocks equal the whole slide:
+              labels/bootstrap     the cluster ids, uint8, an NGFF label with a full pyramid
+              labels/annotations   the nucleus clusters' connected components as instance ids,
+                                   uint32, full pyramid: what `segflow weights` and `segflow
+                                   train` take, as they take an ingested label image
+            both built in a hidden work group inside `labels/` and renamed into place.
+
+The identity recorded on `labels/bootstrap` (`BOOTSTRAP_OUTPUT`) holds the ingest identity of
+every store trained on and the settings: a rerun on the same archive is "skipped" without
+training, and a changed setting or another set of slides redoes every store. A store ingested
+with a label image is refused (its annotations are real ones, never overwritten).
+
+Worked example, two 6000 x 4000 slides in 1024 px chunks, defaults: 32 tiles of 256 px from
+their tissue train one network (M = 2); each slide is cut into 1024 px blocks, the block at
+rows 1024..2047 reads rows 1022..2049, and writes its clusters and nucleus mask there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+from distributed import Client
+from ome_zarr.format import FormatV05
+from ome_zarr.writer import add_metadata, get_metadata
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.cluster import ClusterConfig, dask_client, default_in_flight, map_bounded
+from pipelines.components import label_foreground
+from pipelines.config import output_settings
+from pipelines.ingest import SLIDE_STORE
+from pipelines.runtime import Runtime
+from pipelines.stage import (
+    Identity,
+    StageOutput,
+    StageResult,
+    error_line,
+    record_identity,
+    run_archive,
+)
+from pipelines.storage import install, remove_stale_siblings, temporary_sibling
+from segcore import ngff
+from segcore.bootstrap import (
+    ClusteringConfig,
+    ClusteringNetwork,
+    ClusteringRun,
+    fit_clustering,
+    predict_clusters,
+    receptive_halo,
+)
+from segcore.cluster_classes import (
+    cluster_means,
+    foreground,
+    parse_cluster_ids,
+    propose_nucleus,
+    stain_feature,
+)
+from segcore.store import ANNOTATIONS, LABELS_GROUP, SlideStore, read_checked
+
+#: Bumped when the labels written for the same slides and settings change.
+BOOTSTRAP_FORMAT = 1
+BOOTSTRAP = "bootstrap"
+#: The stage's identity is recorded on the cluster label of each store.
+BOOTSTRAP_OUTPUT = StageOutput(f"{LABELS_GROUP}/{BOOTSTRAP}")
+_IMAGE_DTYPES = ("uint8", "uint16")
+
+Region = tuple[slice, slice]
+
+
+class BootstrapError(ValueError):
+    """Stores or settings the bootstrap cannot work with."""
+
+
+class BootstrapConfig(BaseModel):
+    """Label-bootstrap settings: the clustering (Kim, Kanezaki & Tanaka 2020 defaults), the
+    tiles it trains on, and which clusters are nuclei."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
+    #: Side of each training tile, px (smaller where a slide is smaller).
+    tile_size: int = Field(default=256, ge=8)
+    #: Training tiles drawn from the tissue of all slides together.
+    n_tiles: int = Field(default=32, ge=1)
+    #: The nucleus clusters (e.g. 3,7); None: proposed by the stated rule
+    #: (segcore.cluster_classes: darkest haematoxylin for H&E, brightest for fluorescence).
+    nucleus: tuple[int, ...] | None = None
+    #: The rule passes over clusters holding less than this fraction of the tiles' pixels.
+    min_cluster_fraction: float = Field(default=0.01, ge=0, lt=1)
+    #: Where the network trains and runs ("cpu", "cuda", "cuda:1", "mps").
+    device: str = "cpu"
+    #: MLflow tracking URI for the run's parameters, loss curve and overlay; None: untracked.
+    tracking_uri: str | None = None
+    #: Level-0 px per block side, rounded to whole chunks: where the work is cut, not what it
+    #: writes, so not part of the output's identity.
+    block_size: int = Field(default=1024, ge=1)
+    #: Px per side the network runs on at once inside a block (memory, not output).
+    predict_tile: int = Field(default=512, ge=16)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("nucleus", mode="before")
+    @classmethod
+    def _cluster_ids(cls, value: object) -> object:
+        return None if value is None else parse_cluster_ids(value)
+
+    @model_validator(mode="after")
+    def _nucleus_clusters_exist(self) -> BootstrapConfig:
+        n_clusters = self.clustering.n_clusters
+        outside = [c for c in self.nucleus or () if c >= n_clusters]
+        if outside:
+            raise ValueError(
+                f"nucleus clusters {outside} do not exist: the network has {n_clusters} "
+                f"(ids 0..{n_clusters - 1})"
+            )
+        return self
+
+    def settings(self) -> dict:
+        """The settings that decide the labels."""
+        return output_settings(self, "block_size", "predict_tile", "tracking_uri")
+
+
+class BootstrapResult(StageResult):
+    """What the bootstrap did for one store."""
+
+    nucleus: tuple[int, ...] | None = None
+    #: How the nucleus clusters were chosen: "given", or the automatic rule's name.
+    rule: str | None = None
+    iterations: int | None = None
+    n_instances: int | None = None
+    #: Fraction of the slide's pixels in the nucleus clusters.
+    foreground_fraction: float | None = None
+
+
+# --- the archive: open, identify, sample, train, map ---------------------------------------
+
+
+def _open_unlabelled(path: Path) -> SlideStore:
+    slide = SlideStore.open(path)
+    if slide.metadata.get("labels") is not None:
+        raise BootstrapError(
+            f"{path}: was ingested with a label image; the bootstrap labels unlabelled stores "
+            "only and never replaces real annotations"
+        )
+    image = slide.verified(slide.image(0))
+    if image.dtype.name not in _IMAGE_DTYPES:
+        raise BootstrapError(f"{path}: image pixel type {image.dtype} (uint8 or uint16)")
+    return slide
+
+
+def is_unlabelled(store: Path) -> bool:
+    """Whether a store was ingested without a label image (the stores the bootstrap labels;
+    its own annotations do not make a store labelled)."""
+    return SlideStore.open(store).metadata.get("labels") is None
+
+
+def archive_identity(slides: Sequence[SlideStore], config: BootstrapConfig) -> Identity:
+    """The slides trained on (their ingest identities, in sorted order) and the settings."""
+    keys = sorted(SLIDE_STORE.recorded_key(slide.path) or slide.name for slide in slides)
+    return Identity(
+        stage="bootstrap",
+        format=BOOTSTRAP_FORMAT,
+        inputs={"stores": keys},
+        settings=config.settings(),
+    )
+
+
+def _tissue_cells(slide: SlideStore) -> tuple[np.ndarray, int, int]:
+    """(flat indices of the tissue-mask cells on tissue, the mask's columns, level-0 px per
+    cell side); (empty, 0, 0) when the slide has no tissue mask or no tissue (it is then
+    sampled uniformly)."""
+    tissue = slide.tissue
+    if tissue is not None:
+        mask = read_checked(tissue, (slice(None), slice(None))) > 0
+        if mask.any():
+            return np.flatnonzero(mask.ravel()), mask.shape[1], slide.tissue_downsample
+    return np.empty(0, dtype=np.int64), 0, 0
+
+
+def sample_tiles(
+    slides: Sequence[SlideStore], tile_size: int, n_tiles: int, seed: int
+) -> np.ndarray:
+    """(n_tiles, C, t, t) level-0 tiles centred on tissue (t: `tile_size`, or the smallest
+    slide side when smaller), each slide drawn in proportion to its tissue area."""
+    slides = sorted(slides, key=lambda s: str(s.path.resolve()))
+    side = min(tile_size, *(min(s.shape[1:]) for s in slides))
+    cells = [_tissue_cells(s) for s in slides]
+    area = np.array(
+        [
+            len(on) * k * k if k else float(np.prod(s.shape[1:]))
+            for (on, _, k), s in zip(cells, slides, strict=True)
+        ]
+    )
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for index in rng.choice(len(slides), size=n_tiles, p=area / area.sum()):
+        slide, (on_tissue, columns, k) = slides[index], cells[index]
+        height, width = slide.shape[1:]
+        if k:
+            cy, cx = divmod(int(rng.choice(on_tissue)), columns)
+            y, x = cy * k + int(rng.integers(k)), cx * k + int(rng.integers(k))
+        else:
+            y, x = int(rng.integers(height)), int(rng.integers(width))
+        y0 = int(np.clip(y - side // 2, 0, height - side))
+        x0 = int(np.clip(x - side // 2, 0, width - side))
+        region = (slice(None), slice(y0, y0 + side), slice(x0, x0 + side))
+        tiles.append(read_checked(slide.image(0), region))
+    return np.stack(tiles)
+
+
+def choose_nucleus(
+    network: ClusteringNetwork, tiles: np.ndarray, config: BootstrapConfig
+) -> tuple[tuple[int, ...], str, list[float]]:
+    """(nucleus cluster ids, how they were chosen, each cluster's share of the tiles' px)."""
+    n_clusters = config.clustering.n_clusters
+    clusters = np.stack([predict_clusters(network, tile, config.predict_tile) for tile in tiles])
+    counts = np.bincount(clusters.ravel(), minlength=n_clusters)
+    shares = (counts / counts.sum()).tolist()
+    if config.nucleus is not None:
+        return config.nucleus, "given", shares
+    feature = np.stack([stain_feature(tile) for tile in tiles])
+    means, counts = cluster_means(clusters, feature, n_clusters)
+    rule = "darkest haematoxylin" if tiles.shape[1] == 3 else "brightest intensity"
+    return (propose_nucleus(means, counts, config.min_cluster_fraction),), rule, shares
+
+
+# --- one store: cluster block by block, label, build pyramids, install ---------------------
+
+
+def _block_side(chunk: int, block_size: int) -> int:
+    return max(chunk, block_size // chunk * chunk)
+
+
+def _cluster_block(
+    image: zarr.Array,
+    clusters_out: zarr.Array,
+    nucleus_out: zarr.Array,
+    region: Region,
+    network: ClusteringNetwork,
+    nucleus: tuple[int, ...],
+    config: BootstrapConfig,
+) -> np.ndarray:
+    """Cluster one block (read with the network's halo) into `clusters_out` and its nucleus
+    mask into `nucleus_out`; returns the block's pixels per cluster."""
+    halo = receptive_halo(config.clustering)
+    grown, inner = ngff.grown_region(region, halo, image.shape)
+    pixels = read_checked(image, (slice(None), *grown))
+    clusters = predict_clusters(network.to(config.device), pixels, config.predict_tile)[inner]
+    ngff.writable(clusters_out)[region] = clusters
+    ngff.writable(nucleus_out)[region] = foreground(clusters, nucleus).astype(np.uint32)
+    return np.bincount(clusters.ravel(), minlength=config.clustering.n_clusters)
+
+
+def _fill_pyramid(levels: list[zarr.Array], chunk: int, client: Client | None) -> None:
+    for src, dst in zip(levels, levels[1:], strict=False):
+        jobs = (
+            (region, (src, dst, region, "nearest"))
+            for region in ngff.level_regions(dst.shape, chunk)
+        )
+        for _ in map_bounded(client, ngff.downsample_region, jobs, default_in_flight(client)):
+            pass
+
+
+def _list_labels(store: Path, names: Sequence[str]) -> None:
+    """Name `names` in the store's `labels` group listing (once each)."""
+    labels = zarr.open_group(store / LABELS_GROUP, mode="r+")
+    listed = get_metadata(labels).get("labels", [])
+    wanted = listed + [n for n in names if n not in listed]
+    if wanted != listed:
+        fmt = FormatV05()
+        add_metadata(labels, {"version": fmt.version, "labels": wanted}, fmt=fmt)
+
+
+def _reconsolidate(store: Path) -> None:
+    """Readers that trust consolidated metadata would not see the new labels otherwise."""
+    if zarr.open_group(store, mode="r").metadata.consolidated_metadata is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            zarr.consolidate_metadata(store)
+
+
+def write_bootstrap_labels(
+    slide: SlideStore,
+    network: ClusteringNetwork,
+    nucleus: tuple[int, ...],
+    config: BootstrapConfig,
+    record: tuple[Identity, dict],
+    client: Client | None,
+) -> tuple[int, float]:
+    """Write `labels/bootstrap` and `labels/annotations` of one store (see the module
+    docstring); returns (nucleus instances, nucleus fraction of the slide)."""
+    image = slide.verified(slide.image(0))
+    shape = tuple(image.shape[1:])
+    chunk = int(image.chunks[-1])
+    mpp = slide.metadata.get("mpp")
+    final = slide.path / LABELS_GROUP / BOOTSTRAP
+    remove_stale_siblings(final)
+    work = temporary_sibling(final)
+    try:
+        root = zarr.open_group(work, mode="w", zarr_format=3)
+        properties = [{"label-value": c, "class": "nucleus"} for c in nucleus]
+        clusters = ngff.create_label(
+            root, BOOTSTRAP, shape, np.uint8, slide.n_levels, chunk, mpp=mpp,
+            properties=properties,
+        )  # fmt: skip
+        instances = ngff.create_label(
+            root, ANNOTATIONS, shape, np.uint32, slide.n_levels, chunk, mpp=mpp
+        )
+        side = _block_side(chunk, config.block_size)
+        regions = ngff.level_regions(shape, side)
+        jobs = (
+            (region, (image, clusters[0], instances[0], region, network, nucleus, config))
+            for region in regions
+        )
+        counts = np.zeros(config.clustering.n_clusters, dtype=np.int64)
+        for _, block_counts in map_bounded(client, _cluster_block, jobs, default_in_flight(client)):
+            counts += block_counts
+        # The nucleus mask becomes instance ids in place, as ingest does with a binary mask.
+        n_instances = label_foreground(instances[0], instances[0], client).n_components
+        for levels in (clusters, instances):
+            _fill_pyramid(levels, chunk, client)
+        fraction = float(counts[list(nucleus)].sum() / max(counts.sum(), 1))
+        identity, metadata = record
+        metadata = {
+            **metadata,
+            "store": SLIDE_STORE.recorded_key(slide.path),
+            "n_instances": n_instances,
+            "foreground_fraction": fraction,
+            "slide_cluster_fractions": (counts / max(counts.sum(), 1)).tolist(),
+        }
+        record_identity(
+            zarr.open_group(work / LABELS_GROUP / BOOTSTRAP, mode="r+"), identity, metadata
+        )
+        # The annotations first, the label holding the identity last: a store whose identity
+        # says "current" holds both.
+        for name in (ANNOTATIONS, BOOTSTRAP):
+            target = slide.path / LABELS_GROUP / name
+            remove_stale_siblings(target)
+            install(work / LABELS_GROUP / name, target)
+        _list_labels(slide.path, (ANNOTATIONS, BOOTSTRAP))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _reconsolidate(slide.path)
+    return n_instances, fraction
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def _skipped(store: Path, identity: Identity, seconds: float) -> BootstrapResult:
+    stored = zarr.open_group(BOOTSTRAP_OUTPUT.node(store), mode="r").attrs["segflow"]
+    return BootstrapResult(
+        store=store,
+        status="skipped",
+        identity=identity.key,
+        seconds=seconds,
+        nucleus=tuple(stored.get("nucleus", ())),
+        rule=stored.get("rule"),
+        iterations=stored.get("iterations"),
+        n_instances=stored.get("n_instances"),
+        foreground_fraction=stored.get("foreground_fraction"),
+    )
+
+
+def train_bootstrap(
+    slides: Sequence[SlideStore],
+    config: BootstrapConfig,
+    on_iteration: Callable[[int, float, int], None] | None = None,
+) -> tuple[ClusteringRun, np.ndarray, tuple[tuple[int, ...], str, list[float]]]:
+    """Sample the tiles, train the network and choose the nucleus clusters:
+    (the training run, its tiles, (nucleus ids, rule, cluster shares))."""
+    channels = {slide.shape[0] for slide in slides}
+    if len(channels) > 1:
+        raise BootstrapError(
+            f"{', '.join(str(s.path) for s in slides)}: slides with {sorted(channels)} "
+            "channels; one network clusters slides of one kind (bootstrap them separately)"
+        )
+    tiles = sample_tiles(slides, config.tile_size, config.n_tiles, config.clustering.seed)
+    run = fit_clustering(tiles, config.clustering, device=config.device, on_iteration=on_iteration)
+    run.network.to("cpu")
+    return run, tiles, choose_nucleus(run.network, tiles, config)
+
+
+def _bootstrap(
+    stores: list[Path], config: BootstrapConfig, client: Client | None, progress: bool
+) -> list[BootstrapResult]:
+    start = time.perf_counter()
+    results: dict[Path, BootstrapResult] = {}
+    slides: dict[Path, SlideStore] = {}
+    for store in stores:
+        try:
+            slides[store] = _open_unlabelled(store)
+        except Exception as exc:
+            line = error_line(store, exc)
+            results[store] = BootstrapResult(store=store, status="failed", error=line)
+    if not slides:
+        return [results[s] for s in stores]
+    identity = archive_identity(list(slides.values()), config)
+    todo = [s for s in slides if not BOOTSTRAP_OUTPUT.is_current(s, identity)]
+    for store in slides:
+        if store not in todo:
+            results[store] = _skipped(store, identity, time.perf_counter() - start)
+    if todo:
+        run, tiles, (nucleus, rule, shares) = train_bootstrap(list(slides.values()), config)
+        mlflow_run = None
+        if config.tracking_uri is not None:
+            # Imported only when tracked: MLflow takes seconds to import.
+            from pipelines.bootstrap_tracking import track_bootstrap
+
+            mlflow_run = track_bootstrap(
+                config.tracking_uri, config.settings(), run, tiles, nucleus, rule
+            )
+        metadata = {
+            "nucleus": list(nucleus),
+            "rule": rule,
+            "iterations": run.iterations,
+            "final_labels": run.label_counts[-1],
+            "tile_cluster_fractions": shares,
+            "mlflow_run_id": mlflow_run,
+        }
+
+        def one(store: Path, bars: object) -> BootstrapResult:
+            began = time.perf_counter()
+            n_instances, fraction = write_bootstrap_labels(
+                slides[store], run.network, nucleus, config, (identity, metadata), client
+            )
+            return BootstrapResult(
+                store=store,
+                status="written",
+                identity=identity.key,
+                seconds=time.perf_counter() - began,
+                nucleus=nucleus,
+                rule=rule,
+                iterations=run.iterations,
+                n_instances=n_instances,
+                foreground_fraction=fraction,
+            )
+
+        written = run_archive(
+            todo,
+            one,
+            lambda store, error, seconds: BootstrapResult(
+                store=store, status="failed", error=error, seconds=seconds
+            ),
+            subject=lambda store: store,
+            progress=progress,
+        )
+        results.update(zip(todo, written, strict=True))
+    return [results[s] for s in stores]
+
+
+def bootstrap_archive(
+    stores: Sequence[Path],
+    config: BootstrapConfig | None = None,
+    progress: bool = False,
+    runtime: Runtime | None = None,
+    client: Client | None = None,
+) -> list[BootstrapResult]:
+    """Bootstrap labels for unlabelled stores with one clustering network (see the module
+    docstring); one result per store, in order: "written", "skipped" (its labels were made
+    from the same slides and settings) or "failed" with its one-line error. A store that
+    cannot be read, or that has real annotations, fails alone; the others are trained on.
+
+    The blocks run on `client`, or on a cluster started from `config.cluster` without one.
+    """
+    config = config or BootstrapConfig()
+    if runtime is not None:
+        config = runtime.configure(config)
+    if not stores:
+        raise BootstrapError("no stores given: name at least one unlabelled slide store")
+    paths = [Path(s) for s in stores]
+    if client is not None:
+        return _bootstrap(paths, config, client, progress)
+    with dask_client(config.cluster) as own_client:
+        return _bootstrap(paths, config, own_client, progress)
