@@ -12,12 +12,13 @@ import json
 import time
 
 import numpy as np
+from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from skimage.segmentation import find_boundaries
 
 from pipelines.redaction import redact_tree
 from pipelines.runtime import artifact_root
-from pipelines.services import mlflow_client
+from pipelines.services import require_mlflow
 from segcore.bootstrap import ClusteringRun, predict_clusters
 
 EXPERIMENT = "segflow-bootstrap"
@@ -66,7 +67,9 @@ def track_bootstrap(
     rule: str,
 ) -> str:
     """Record one bootstrap training in MLflow at `tracking_uri`; returns its run id."""
-    client = mlflow_client(tracking_uri)
+    require_mlflow(tracking_uri)
+    # Not `mlflow_client`, which is for reading: this writes, and may create the SQLite store.
+    client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     experiment_id = (
         experiment.experiment_id
