@@ -21,7 +21,8 @@ from prefect.states import State
 
 from flows import progress
 from flows.outcomes import StageOutcome
-from flows.tasks import infer_task, ingest_slide_task, train_task, weights_task
+from flows.tasks import bootstrap_task, infer_task, ingest_slide_task, train_task, weights_task
+from pipelines.bootstrap import BOOTSTRAP_OUTPUT, BootstrapConfig, BootstrapResult
 from pipelines.cluster import SchedulerLostError, dask_client
 from pipelines.infer import SEGMENTATION_OUTPUT, InferConfig, InferResult, Segmenter
 from pipelines.inference.report import seam_line
@@ -144,6 +145,41 @@ def run_weights(
     with dask_client(runtime.configure(config).cluster) as client:
         calls = [_store_call(s, {"config": config, "client": client}) for s in stores]
         return run_tasks("weights", weights_task, calls, WEIGHT_MAPS.holds)
+
+
+def run_bootstrap(
+    stores: Sequence[Path], config: BootstrapConfig, runtime: Runtime
+) -> list[tuple[StageOutcome, BootstrapResult | None]]:
+    """Bootstrap labels of unlabelled stores: one task for the archive (one network is
+    trained on all of them), one outcome per store. A cached result is trusted while every
+    store's labels it wrote are still the ones installed."""
+
+    def still_valid(results: list[BootstrapResult]) -> bool:
+        return all(r.status == "failed" or BOOTSTRAP_OUTPUT.holds(r) for r in results)
+
+    if not stores:
+        return []
+    config = runtime.configure(config)
+    with dask_client(config.cluster) as client:
+        call = Call("archive", {"stores": list(stores), "config": config, "client": client})
+        ((outcome, results),) = run_tasks("bootstrap", bootstrap_task, [call], still_valid)
+    if results is None:  # the archive as a whole failed (e.g. slides of mixed channels)
+        return [(replace(outcome, slide=_store_call(s, {}).slide), None) for s in stores]
+    cached = outcome.status == "cached"
+    return [
+        (
+            StageOutcome(
+                "bootstrap",
+                r.name,
+                "cached" if cached and r.status != "failed" else r.status,
+                seconds=r.seconds,
+                store=r.store,
+                detail=r.error or "",
+            ),
+            r,
+        )
+        for r in results
+    ]
 
 
 def run_train(config: TrainConfig) -> tuple[StageOutcome, TrainResult | None]:

@@ -1,4 +1,5 @@
-"""The Prefect tasks: one per slide and stage (ingest, weights, infer) and one for training.
+"""The Prefect tasks: one per slide and stage (ingest, weights, infer), one for training and
+one for the label bootstrap of an archive.
 
 Each task calls the stage's library function and nothing else. Around it:
   - retries with exponential backoff for I/O trouble (a shared file system or object store
@@ -24,6 +25,7 @@ from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from flows.cache_keys import digest, file_identity, output_identity, settings_of
+from pipelines.bootstrap import BootstrapConfig, BootstrapResult, bootstrap_archive
 from pipelines.cluster import scheduler_kept
 from pipelines.infer import InferResult, Segmenter
 from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult, SlideSource, ingest_slide
@@ -86,6 +88,24 @@ def weights_task(store: Path, config: WeightsConfig, client: Client | None) -> W
     """Training target and weight map of one labelled store."""
     with scheduler_kept(client):
         return compute_weight_maps(store, config, client)
+
+
+def _bootstrap_key(context: TaskRunContext, parameters: dict) -> str:
+    config: BootstrapConfig = parameters["config"]
+    return digest(
+        "bootstrap", output_identity(parameters["stores"], SLIDE_STORE), config.settings()
+    )
+
+
+# One task for the archive: one clustering network is trained on all its slides. Not retried,
+# like training: a rerun trains again, and its failures are rarely I/O.
+@task(name="bootstrap", task_run_name="bootstrap", cache_key_fn=_bootstrap_key, persist_result=True)
+def bootstrap_task(
+    stores: list[Path], config: BootstrapConfig, client: Client | None
+) -> list[BootstrapResult]:
+    """Bootstrap labels of unlabelled stores: train one clustering network, label each store."""
+    with scheduler_kept(client):
+        return bootstrap_archive(stores, config, client=client)
 
 
 def _train_key(context: TaskRunContext, parameters: dict) -> str:
