@@ -5,7 +5,10 @@ MLflow in `sqlite:///<workdir>/mlflow.db` (artifacts in `<workdir>/mlartifacts`)
 LocalCluster per stage, and Prefect's temporary local API with its home, database and task
 cache under `<workdir>/prefect`. The environment variables MLFLOW_TRACKING_URI,
 DASK_SCHEDULER_ADDRESS and PREFECT_API_URL move a run onto real servers; they are read by
-`RuntimeEnvironment` and nowhere else, once, where a run starts:
+`RuntimeEnvironment` and nowhere else, once, where a run starts; so are AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION, which say how to reach the
+object storage that slides are read from (`object_storage`, pipelines.location). The workdir
+is a local folder: a URL there is refused (`location.local_path`), never made a folder `s3:`.
 
     runtime = Runtime.from_environment()                 # the `segflow` command, a script
     runtime = Runtime(workdir=Path("work")).resolved()   # the same, with the workdir given
@@ -18,11 +21,12 @@ Training and inference given no tracking URI use the same store, `default_tracki
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.location import ObjectStorageConfig, local_path
 from pipelines.redaction import RedactedUri
 
 if TYPE_CHECKING:
@@ -80,6 +84,23 @@ class RuntimeEnvironment(BaseSettings):
     tracking_uri: str | None = Field(default=None, validation_alias="MLFLOW_TRACKING_URI")
     scheduler_address: str | None = Field(default=None, validation_alias="DASK_SCHEDULER_ADDRESS")
     prefect_api_url: str | None = Field(default=None, validation_alias="PREFECT_API_URL")
+    aws_endpoint_url: str | None = Field(default=None, validation_alias="AWS_ENDPOINT_URL")
+    aws_access_key_id: str | None = Field(
+        default=None, validation_alias="AWS_ACCESS_KEY_ID", repr=False
+    )
+    aws_secret_access_key: str | None = Field(
+        default=None, validation_alias="AWS_SECRET_ACCESS_KEY", repr=False
+    )
+    aws_default_region: str | None = Field(default=None, validation_alias="AWS_DEFAULT_REGION")
+
+    def object_storage(self) -> ObjectStorageConfig:
+        """The object-storage settings these variables give."""
+        return ObjectStorageConfig(
+            endpoint_url=self.aws_endpoint_url,
+            key=self.aws_access_key_id,
+            secret=self.aws_secret_access_key,
+            region=self.aws_default_region,
+        )
 
 
 class Runtime(BaseModel):
@@ -88,7 +109,7 @@ class Runtime(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    workdir: Path = DEFAULT_WORKDIR
+    workdir: Annotated[Path, BeforeValidator(local_path)] = DEFAULT_WORKDIR
     #: MLflow tracking and registry URI; None = the embedded `default_tracking_uri(workdir)`.
     tracking_uri: RedactedUri = None
     #: A running Dask scheduler for every stage; None = each stage starts the LocalCluster its
@@ -97,6 +118,9 @@ class Runtime(BaseModel):
     #: A Prefect server's API; None = the active Prefect profile's, else a temporary local
     #: server on `<workdir>/prefect` (flows.runtime).
     prefect_api_url: RedactedUri = None
+    #: How to reach object storage (slides read from s3://...); fields left None are taken
+    #: from the environment by `resolved`. Credentials are `***` in its JSON form.
+    object_storage: ObjectStorageConfig = ObjectStorageConfig()
 
     @classmethod
     def from_environment(cls, **given: object) -> Runtime:
@@ -116,6 +140,7 @@ class Runtime(BaseModel):
             tracking_uri=tracking_uri,
             scheduler_address=self.scheduler_address or env.scheduler_address,
             prefect_api_url=self.prefect_api_url or env.prefect_api_url,
+            object_storage=self.object_storage.merged(env.object_storage()),
         )
 
     @property

@@ -26,6 +26,7 @@ file on its own, `--labels`, a manifest) any file is what it is named as.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,18 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.location import (
+    Location,
+    LocationError,
+    ObjectUrl,
+    Where,
+    is_file,
+    is_folder,
+    list_folder,
+    local_path,
+    open_binary,
+    parse_location,
+)
 from segcore.readers import SUPPORTED_SUFFIXES, ReaderError, page_count
 from segcore.store import StoreError
 
@@ -56,8 +69,12 @@ _WORDS = re.compile(r"[A-Z]+[a-z]*|[a-z]+|\d+|[^A-Za-z\d]+")
 MANIFEST_SUFFIX = ".csv"
 MANIFEST_COLUMNS = ("image", "labels", "page")
 
+#: What is directly in a folder: (files, folders), each sorted by name (`location.list_folder`,
+#: or a memo of it so that one run lists each folder once).
+Lister = Callable[[Where], tuple[list[Where], list[Where]]]
 
-def slide_stem(path: Path) -> str:
+
+def slide_stem(path: Where) -> str:
     """The file name less its slide extension(s): `a.ome.tif` -> `a`."""
     stem = path.name
     for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
@@ -72,8 +89,8 @@ class SlideSource(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    image: Path
-    labels: Path | None = None
+    image: Location
+    labels: Location | None = None
     page: int | None = Field(default=None, ge=0)
 
     @property
@@ -95,7 +112,7 @@ def _has_word(name: str, words: frozenset[str]) -> bool:
     return any(word.lower() in words for word in _WORDS.findall(name))
 
 
-def _ends_in_word(folder: Path, words: frozenset[str]) -> bool:
+def _ends_in_word(folder: Where, words: frozenset[str]) -> bool:
     """Whether the folder's last word of letters is one of `words`: a folder is named for
     what it holds (`binary_masks`, `Tissue_Images`, `labels_2024`), while `labelled_cases`
     or `seg_runs` hold cases and runs."""
@@ -103,7 +120,7 @@ def _ends_in_word(folder: Path, words: frozenset[str]) -> bool:
     return bool(letters) and letters[-1].lower() in words
 
 
-def looks_like_labels(path: Path) -> bool:
+def looks_like_labels(path: Where) -> bool:
     """Whether a word of the file's name is a label word, or its folder's name ends in one."""
     return _has_word(slide_stem(path), LABEL_WORDS) or _ends_in_word(path.parent, LABEL_WORDS)
 
@@ -124,48 +141,41 @@ def pairing_key(stem: str) -> str:
     return re.sub(r"^[^A-Za-z\d]+|[^A-Za-z\d]+$", "", "".join(kept))
 
 
-def _is_slide_file(path: Path) -> bool:
-    return (
-        path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix.lower() in SUPPORTED_SUFFIXES
-    )
+def _is_slide_file(path: Where) -> bool:
+    """Whether a file of a listing is a slide (or label) file: not hidden, a slide extension."""
+    return not path.name.startswith(".") and path.suffix.lower() in SUPPORTED_SUFFIXES
 
 
-def _label_folders(folder: Path) -> list[Path]:
+def _label_folders(folder: Where, ls: Lister) -> list[Where]:
     """Where the label images of `folder`'s slides may be, in order of preference: the folder
     itself, its label folders, and, when its name ends in an image word (`images`,
     `Tissue_Images`), the label folders beside it (`labels`, `binary_masks`)."""
     places = [folder]
-    places += sorted(p for p in folder.iterdir() if p.is_dir() and _ends_in_word(p, LABEL_WORDS))
+    places += [p for p in ls(folder)[1] if _ends_in_word(p, LABEL_WORDS)]
     if _ends_in_word(folder, IMAGE_WORDS) and folder.parent != folder:
-        places += sorted(
-            p
-            for p in folder.parent.iterdir()
-            if p.is_dir() and p != folder and _ends_in_word(p, LABEL_WORDS)
-        )
+        places += [p for p in ls(folder.parent)[1] if p != folder and _ends_in_word(p, LABEL_WORDS)]
     return places
 
 
-def _label_files(folder: Path) -> list[tuple[int, Path]]:
+def _label_files(folder: Where, ls: Lister) -> list[tuple[int, Where]]:
     """(place, file) of every label-looking image file where `folder`'s slides look for theirs."""
     return [
         (place, path)
-        for place, where in enumerate(_label_folders(folder))
-        for path in sorted(where.iterdir())
+        for place, where in enumerate(_label_folders(folder, ls))
+        for path in ls(where)[0]
         if _is_slide_file(path) and looks_like_labels(path)
     ]
 
 
-def _by_key(label_files: Sequence[tuple[int, Path]]) -> dict[str, list[tuple[int, Path]]]:
+def _by_key(label_files: Sequence[tuple[int, Where]]) -> dict[str, list[tuple[int, Where]]]:
     """Label files by `pairing_key`: one look-up per slide, however large the archive."""
-    index: dict[str, list[tuple[int, Path]]] = {}
+    index: dict[str, list[tuple[int, Where]]] = {}
     for place, path in label_files:
         index.setdefault(pairing_key(slide_stem(path)), []).append((place, path))
     return index
 
 
-def _find_label(image: Path, by_key: dict[str, list[tuple[int, Path]]]) -> Path | None:
+def _find_label(image: Where, by_key: dict[str, list[tuple[int, Where]]]) -> Where | None:
     """The label file of `image`: the same pairing key, the nearest place first, then the
     image's own extension (a TIFF slide may still have a PNG mask), then by name."""
     suffix = image.suffix.lower()
@@ -177,13 +187,22 @@ def _find_label(image: Path, by_key: dict[str, list[tuple[int, Path]]]) -> Path 
     return min(candidates)[-1] if candidates else None
 
 
+def pages_in(image: Where) -> int:
+    """`segcore.readers.page_count` of a local file or an object (its header read by range
+    requests)."""
+    if isinstance(image, Path):
+        return page_count(image)
+    with open_binary(image) as fh:
+        return page_count(str(image), fh)
+
+
 def expand_pages(source: SlideSource) -> list[SlideSource]:
     """A multi-page TIFF stack without a page becomes one source per page; others stay."""
     if source.page is not None:
         return [source]
     try:
-        n_pages = page_count(source.image)
-    except ReaderError as exc:
+        n_pages = pages_in(source.image)
+    except (ReaderError, LocationError) as exc:
         raise IngestError(str(exc)) from exc
     if n_pages == 1:
         return [source]
@@ -198,7 +217,7 @@ def _pages(source: SlideSource) -> list[SlideSource]:
         return [source]
 
 
-def discover_sources(folder: str | Path) -> list[SlideSource]:
+def discover_sources(folder: str | Where, ls: Lister = list_folder) -> list[SlideSource]:
     """The slides in `folder` (not recursive), sorted by name, stacks expanded into pages.
 
     A file with a supported extension is a slide unless it looks like labels (a label word in
@@ -209,18 +228,20 @@ def discover_sources(folder: str | Path) -> list[SlideSource]:
     (`train/image/0.png` pairs with `train/label/0.png`, `images/x.tif` with
     `binary_masks/x.png`); the nearest wins, then one with the slide's own extension. A label
     file that two slides would pair with is an error (name the pairs in a manifest).
-    Unreadable files are listed as they are, for ingestion to report.
+    Unreadable files are listed as they are, for ingestion to report. The same rules hold for a
+    prefix on object storage (`folder` an ObjectUrl): `ls` gives what a folder holds, one
+    listing per folder.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    folder = parse_location(folder)
+    if not is_folder(folder):
         raise IngestError(f"{folder}: not a folder")
-    by_key = _by_key(_label_files(folder))
+    by_key = _by_key(_label_files(folder, ls))
     sources = [
         SlideSource(image=path, labels=_find_label(path, by_key))
-        for path in sorted(folder.iterdir())
+        for path in ls(folder)[0]
         if _is_slide_file(path) and not looks_like_labels(path)
     ]
-    takers: dict[Path, list[Path]] = {}
+    takers: dict[Where, list[Where]] = {}
     for source in sources:
         if source.labels is not None:
             takers.setdefault(source.labels, []).append(source.image)
@@ -233,30 +254,36 @@ def discover_sources(folder: str | Path) -> list[SlideSource]:
     return [page for source in sources for page in _pages(source)]
 
 
-def unpaired_labels(folder: Path, sources: Sequence[SlideSource]) -> list[str]:
+def unpaired_labels(
+    folder: Where, sources: Sequence[SlideSource], ls: Lister = list_folder
+) -> list[str]:
     """A note for every label-looking file where `folder`'s slides look for labels that none
     of `sources` takes: it is not a slide, and no slide is labelled by it."""
     taken = {source.labels for source in sources}
     return [
         f"{path}: looks like a label image but pairs with no slide; not ingested "
         "(name its slide in a manifest: image,labels)"
-        for _, path in _label_files(folder)
+        for _, path in _label_files(folder, ls)
         if path not in taken
     ]
 
 
-def _source_files(path: Path) -> list[Path]:
+def source_files(path: Where) -> list[Where]:
     """The files a slide's pixels come from: MIRAX keeps them in a folder beside the .mrxs."""
-    files = [path]
+    if isinstance(path, ObjectUrl):
+        if path.suffix.lower() == ".mrxs":
+            raise IngestError(f"{path}: MIRAX slides on object storage are not supported yet")
+        return [path]
+    files: list[Where] = [path]
     companion = path.with_suffix("")
     if path.suffix.lower() == ".mrxs" and companion.is_dir():
         files += sorted(p for p in companion.rglob("*") if p.is_file())
     return files
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Where) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open_binary(path) as fh:
         while block := fh.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
@@ -264,7 +291,7 @@ def _sha256(path: Path) -> str:
 
 def file_checksums(source: SlideSource) -> dict[str, str]:
     """sha256 of every source file, streamed; keys are the file paths."""
-    paths = _source_files(source.image) + ([source.labels] if source.labels else [])
+    paths = source_files(source.image) + ([source.labels] if source.labels else [])
     try:
         return {str(p): _sha256(p) for p in paths}
     except OSError as exc:
@@ -410,18 +437,19 @@ def _manifest_page(where: str, image: Path, text: str) -> int | None:
 def _named_pair(source: SlideSource) -> SlideSource:
     """An explicit image/label pair (`segflow ingest IMAGE --labels LABELS`), its files checked."""
     for path in (source.image, source.labels):
-        if path is not None and not path.is_file():
-            raise IngestError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+        if path is not None and not is_file(path):
+            missing = not is_folder(path) and not (isinstance(path, Path) and path.exists())
+            raise IngestError(f"{path}: {'no such file' if missing else 'not a file'}")
     return source
 
 
-def _slides_of(item: str | Path | SlideSource) -> FoundSlides:
+def _slides_of(item: str | Where | SlideSource, ls: Lister) -> FoundSlides:
     if isinstance(item, SlideSource):
         return FoundSlides(_pages(_named_pair(item)))
-    path = Path(item)
-    if path.is_dir():
-        sources = discover_sources(path)
-        notes = unpaired_labels(path, sources)
+    path = parse_location(item)
+    if is_folder(path):
+        sources = discover_sources(path, ls)
+        notes = unpaired_labels(path, sources, ls)
         if not sources:
             suffixes = ", ".join(sorted(SUPPORTED_SUFFIXES))
             left_out = f"; {len(notes)} label file(s) pair with no slide" if notes else ""
@@ -429,19 +457,20 @@ def _slides_of(item: str | Path | SlideSource) -> FoundSlides:
                 f"{path}: no slides found in {path} (looked for {suffixes}{left_out})"
             )
         return FoundSlides(sources, notes)
-    if not path.exists():
+    if not is_file(path):
         raise IngestError(f"{path}: no such file or folder")
     if is_manifest(path):
-        return FoundSlides(read_manifest(path))
+        return FoundSlides(read_manifest(local_path(path, "manifests")))
     # A file named alone still pairs with its label image, as it would in its folder.
-    labels = _find_label(path, _by_key(_label_files(path.parent)))
+    labels = _find_label(path, _by_key(_label_files(path.parent, ls)))
     return FoundSlides(_pages(SlideSource(image=path, labels=labels)))
 
 
-def find_slides(items: Iterable[str | Path | SlideSource]) -> FoundSlides:
+def find_slides(items: Iterable[str | Where | SlideSource]) -> FoundSlides:
     """The slides named by `items`: slide files, folders (`discover_sources`), manifests
     (`.csv`, `read_manifest`) and explicit image/label pairs (SlideSource), with a note for
-    each label file of a folder that pairs with no slide.
+    each label file of a folder that pairs with no slide. Items may be on object storage
+    (ObjectUrl, or its `s3://...` text): each folder there is listed once.
 
     Raises `IngestError` for a path that does not exist, a folder without a slide, a bad
     manifest, or no item at all.
@@ -449,7 +478,8 @@ def find_slides(items: Iterable[str | Path | SlideSource]) -> FoundSlides:
     items = list(items)
     if not items:
         raise IngestError("no slides given: name at least one slide or folder of slides")
-    found = [_slides_of(item) for item in items]
+    ls = functools.cache(list_folder)
+    found = [_slides_of(item, ls) for item in items]
     return FoundSlides(
         [source for each in found for source in each.sources],
         [note for each in found for note in each.notes],
@@ -498,7 +528,7 @@ def find_stores(paths: Iterable[str | Path]) -> list[Path]:
     half-copied store is not an empty one) and a folder that holds no store.
     """
     stores: list[Path] = []
-    for path in map(Path, paths):
+    for path in map(local_path, paths):
         if not path.exists():
             raise StoreError(f"{path}: no such file or folder")
         if is_store(path):
@@ -529,7 +559,7 @@ def ready_stores(
     Raises `StoreError("<folder>: none of its N store(s) <need>")` for a folder with none.
     """
     stores: list[Path] = []
-    for path in map(Path, paths):
+    for path in map(local_path, paths):
         found = find_stores([path])
         if is_store(path):
             stores += found

@@ -8,6 +8,12 @@
   - Pillow for PNG and JPEG, which cannot be decoded by region and are read whole.
 Every reader returns regions as (C, h, w) arrays at full resolution; RGBA is composited over
 white. Errors are `ReaderError`s whose message starts with the file path.
+
+A slide that is not a local file (one on object storage) is read from an open binary file:
+`open_slide("s3://lab/a.tif", file=fh)` reads a TIFF through tifffile, tile by tile, and a PNG
+through Pillow, `path` only naming it (in messages, and by its extension). OpenSlide reads
+local files only: `needs_local_file(path, fh)` says when a slide must be copied first (an
+OpenSlide extension, or a TIFF that tifffile recognises as a vendor format).
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
+from typing import IO
 
 import numpy as np
 import openslide
@@ -56,7 +63,7 @@ class SlideReader(ABC):
     #: False when a region cannot be decoded without decoding the whole image (PNG, JPEG).
     lazy: bool = True
 
-    def __init__(self, path: Path, page: int | None) -> None:
+    def __init__(self, path: str | Path, page: int | None) -> None:
         self.path = path
         self.page = page
         self.shape: tuple[int, int, int] = (0, 0, 0)
@@ -203,11 +210,12 @@ def _check_extents(path: Path, tif: tifffile.TiffFile, pages: list) -> None:
             )
 
 
-def _open_tiff(path: Path) -> tifffile.TiffFile:
-    """TiffFile with its whole IFD chain indexed; raises if the chain is cut off or empty."""
+def _open_tiff(path: str | Path, file: IO[bytes] | None = None) -> tifffile.TiffFile:
+    """TiffFile (of `file` when given) with its whole IFD chain indexed; raises if the chain
+    is cut off or empty."""
     with _tifffile_problems() as problems:
         try:
-            tif = tifffile.TiffFile(path)
+            tif = tifffile.TiffFile(path if file is None else file)
             n_pages = len(tif.pages)
         except Exception as exc:
             raise ReaderError(f"{path}: not a readable TIFF ({one_line(exc, 300)})") from exc
@@ -228,9 +236,9 @@ class TiffReader(SlideReader):
     """TIFF, OME-TIFF and TIFF stacks through tifffile's Zarr view: only the tiles (or strips)
     a region touches are decoded."""
 
-    def __init__(self, path: Path, page: int | None) -> None:
+    def __init__(self, path: str | Path, page: int | None, file: IO[bytes] | None = None) -> None:
         super().__init__(path, page)
-        self._tif = _open_tiff(path)
+        self._tif = _open_tiff(path, file)
         try:
             self._open()
         except BaseException:
@@ -300,10 +308,12 @@ class PillowReader(SlideReader):
 
     lazy = False
 
-    def __init__(self, path: Path, labels: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, labels: bool = False, file: IO[bytes] | None = None
+    ) -> None:
         super().__init__(path, None)
         try:
-            with Image.open(path) as image:
+            with Image.open(path if file is None else file) as image:
                 image.load()
                 array = self._to_array(image, labels)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as exc:
@@ -343,8 +353,17 @@ def _magic(path: Path) -> bytes:
         return fh.read(8)
 
 
-def _check_file(path: Path) -> bytes:
-    """The file's first bytes, after checking that it exists and is not empty."""
+def _check_file(path: str | Path, file: IO[bytes] | None = None) -> bytes:
+    """The file's (or open `file`'s) first bytes, after checking that it exists and is not
+    empty."""
+    if file is not None:
+        if file.seek(0, 2) == 0:
+            raise ReaderError(f"{path}: empty file (0 bytes)")
+        file.seek(0)
+        magic = file.read(8)
+        file.seek(0)
+        return magic
+    path = Path(path)
     if not path.is_file():
         raise ReaderError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -352,59 +371,112 @@ def _check_file(path: Path) -> bytes:
     return _magic(path)
 
 
-def _openslide_vendor(path: Path) -> str | None:
+def _suffix(path: str | Path) -> str:
+    return PurePosixPath(str(path)).suffix.lower()
+
+
+#: tifffile's flags for the TIFF-based formats OpenSlide reads as a vendor's, with its names.
+_VENDOR_FLAGS = {
+    "is_svs": "aperio",
+    "is_ndpi": "hamamatsu",
+    "is_scn": "leica",
+    "is_philips": "philips",
+    "is_bif": "ventana",
+}
+
+
+def _tiff_vendor(path: str | Path, file: IO[bytes]) -> str | None:
+    """The vendor format tifffile sees in the open TIFF `file`, else None."""
+    try:
+        with tifffile.TiffFile(file) as tif:
+            return next((v for flag, v in _VENDOR_FLAGS.items() if getattr(tif, flag, False)), None)
+    except Exception as exc:
+        raise ReaderError(f"{path}: not a readable TIFF ({one_line(exc, 300)})") from exc
+    finally:
+        file.seek(0)
+
+
+def needs_local_file(path: str | Path, file: IO[bytes]) -> bool:
+    """Whether the slide `path` (open as `file`) is one OpenSlide reads, which needs a local
+    file: an OpenSlide extension, or a TIFF that tifffile recognises as a vendor format."""
+    if _suffix(path) in OPENSLIDE_SUFFIXES:
+        return True
+    return _check_file(path, file).startswith(_TIFF_MAGIC) and _tiff_vendor(path, file) is not None
+
+
+def _openslide_vendor(path: str | Path, file: IO[bytes] | None = None) -> str | None:
+    if file is not None:
+        return _tiff_vendor(path, file)
     try:
         return openslide.OpenSlide.detect_format(path)
     except (openslide.OpenSlideError, OSError):
         return None
 
 
-def _unsupported(path: Path) -> ReaderError:
+def _unsupported(path: str | Path) -> ReaderError:
     supported = " ".join(sorted(SUPPORTED_SUFFIXES))
-    return ReaderError(
-        f"{path}: unsupported format '{path.suffix or '(no extension)'}' (supported: {supported})"
-    )
+    suffix = PurePosixPath(str(path)).suffix or "(no extension)"
+    return ReaderError(f"{path}: unsupported format '{suffix}' (supported: {supported})")
+
+
+def _named(path: str | Path, file: IO[bytes] | None) -> str | Path:
+    """A local file's Path; with an open `file`, `path` only names it and is kept as given
+    (Path("s3://b/k") would read `s3:/b/k`)."""
+    return Path(path) if file is None else path
 
 
 def open_slide(
-    path: str | Path, page: int | None = None, openslide_cache_bytes: int = OPENSLIDE_CACHE_BYTES
+    path: str | Path,
+    page: int | None = None,
+    openslide_cache_bytes: int = OPENSLIDE_CACHE_BYTES,
+    file: IO[bytes] | None = None,
 ) -> SlideReader:
-    """A reader for the image at `path` (`page` selects one plane of a multi-page TIFF stack)."""
-    path = Path(path)
-    magic = _check_file(path)
-    suffix = path.suffix.lower()
+    """A reader for the image at `path` (`page` selects one plane of a multi-page TIFF stack);
+    with `file`, the image is read from that open binary file, which the caller closes after
+    the reader. OpenSlide's formats need a local file (`needs_local_file`)."""
+    path = _named(path, file)
+    magic = _check_file(path, file)
+    suffix = _suffix(path)
     is_tiff = magic.startswith(_TIFF_MAGIC)
     if page is None and (suffix in OPENSLIDE_SUFFIXES or is_tiff):
-        vendor = _openslide_vendor(path)
+        vendor = _openslide_vendor(path, file) if file is None or is_tiff else None
+        if file is not None and (vendor is not None or suffix in OPENSLIDE_SUFFIXES):
+            raise ReaderError(
+                f"{path}: OpenSlide reads {vendor or suffix} slides from local files only "
+                "(stage a local copy)"
+            )
         if vendor not in (None, "generic-tiff"):
-            return OpenSlideReader(path, openslide_cache_bytes)
+            return OpenSlideReader(Path(path), openslide_cache_bytes)
         if suffix in OPENSLIDE_SUFFIXES and not is_tiff:
             raise ReaderError(
                 f"{path}: not a readable {suffix} slide (OpenSlide does not recognise it: "
                 "unsupported, truncated or corrupt)"
             )
     if is_tiff:
-        return TiffReader(path, page)
+        return TiffReader(path, page, file)
     if page is not None:
         raise ReaderError(f"{path}: no page {page} (only TIFF stacks have pages)")
     if magic.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
-        return PillowReader(path)
+        return PillowReader(path, file=file)
     if suffix in SUPPORTED_SUFFIXES:
         raise ReaderError(f"{path}: not a valid {suffix} file (its content is not {suffix[1:]})")
     raise _unsupported(path)
 
 
-def open_labels(path: str | Path, page: int | None = None) -> SlideReader:
-    """A reader for a label image: one channel of integer (or boolean) pixels."""
-    path = Path(path)
-    magic = _check_file(path)
+def open_labels(
+    path: str | Path, page: int | None = None, file: IO[bytes] | None = None
+) -> SlideReader:
+    """A reader for a label image: one channel of integer (or boolean) pixels (read from the
+    open binary `file` when given, as `open_slide` does)."""
+    path = _named(path, file)
+    magic = _check_file(path, file)
     if magic.startswith(_TIFF_MAGIC):
-        reader: SlideReader = TiffReader(path, page)
+        reader: SlideReader = TiffReader(path, page, file)
     elif page is not None:
         raise ReaderError(f"{path}: no page {page} (only TIFF stacks have pages)")
     elif magic.startswith((_PNG_MAGIC, _JPEG_MAGIC)):
-        reader = PillowReader(path, labels=True)
-    elif path.suffix.lower() in SUPPORTED_SUFFIXES:
+        reader = PillowReader(path, labels=True, file=file)
+    elif _suffix(path) in SUPPORTED_SUFFIXES:
         raise ReaderError(f"{path}: not a valid label image (TIFF, PNG or JPEG content expected)")
     else:
         raise _unsupported(path)
@@ -424,16 +496,20 @@ def open_labels(path: str | Path, page: int | None = None) -> SlideReader:
     return reader
 
 
-def page_count(path: str | Path) -> int:
-    """How many slides `path` holds: the planes of a multi-page TIFF stack, else 1."""
-    path = Path(path)
-    if not _check_file(path).startswith(_TIFF_MAGIC) or _openslide_vendor(path) not in (
+def page_count(path: str | Path, file: IO[bytes] | None = None) -> int:
+    """How many slides `path` (or the open binary `file` it names) holds: the planes of a
+    multi-page TIFF stack, else 1."""
+    path = _named(path, file)
+    if not _check_file(path, file).startswith(_TIFF_MAGIC) or _openslide_vendor(path, file) not in (
         None,
         "generic-tiff",
     ):
         return 1
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(path if file is None else file) as tif:
             return _stack_size(tif.series[0]) if tif.series else 1
     except Exception as exc:
         raise ReaderError(f"{path}: not a readable TIFF ({one_line(exc, 300)})") from exc
+    finally:
+        if file is not None:
+            file.seek(0)

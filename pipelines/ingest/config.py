@@ -8,13 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.cluster import ClusterConfig
 from pipelines.config import output_settings
+from pipelines.location import ObjectStorageConfig
 from segcore import ngff
 from segcore.tissue import TissueConfig
 
 
 class IngestConfig(BaseModel):
-    """Ingestion settings. Everything but `cluster`, `parallel_slides` and `overwrite` shapes
-    the store, and a change re-ingests slides that were ingested with other settings."""
+    """Ingestion settings. Everything but `cluster`, `parallel_slides`, `overwrite` and
+    `object_storage` shapes the store, and a change re-ingests slides that were ingested with
+    other settings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,7 +34,12 @@ class IngestConfig(BaseModel):
     parallel_slides: int = Field(default=2, ge=1)
     cluster: ClusterConfig = ClusterConfig()
     overwrite: bool = False
+    #: How to reach slides on object storage (s3://...): endpoint, credentials, region and the
+    #: staging cache of OpenSlide's formats; fields left None come from the environment
+    #: (AWS_ENDPOINT_URL, ...: `pipelines.runtime.RuntimeEnvironment`).
+    object_storage: ObjectStorageConfig = ObjectStorageConfig()
 
     def settings(self) -> dict:
-        """The settings that shape a store, as stored in its metadata."""
-        return output_settings(self)
+        """The settings that shape a store, as stored in its metadata (where the slides are
+        read from does not shape it)."""
+        return output_settings(self, "object_storage")

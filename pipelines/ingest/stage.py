@@ -10,7 +10,10 @@ Per slide (`ingest_slide`):
      leaves nothing behind.
 `ingest_archive` runs many slides, `parallel_slides` at a time, on one Dask cluster and reports
 per slide, so one bad slide never stops the others. Stores must live on a file system every
-worker can reach.
+worker can reach. Slides may also be objects (`s3://...`, pipelines.location): TIFF and PNG
+are read where they are by range requests, OpenSlide's formats from a local copy staged under
+`<out_dir>/../staged` (pipelines.staging), and the identity is that of the same bytes read
+locally.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from distributed import Client
 from pipelines.cluster import dask_client
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.writer import write_store
+from pipelines.location import is_file, local_path
 from pipelines.progress import RunProgress
 from pipelines.runtime import Runtime
 from pipelines.sources import (
@@ -38,6 +42,7 @@ from pipelines.sources import (
     source_checksum,
 )
 from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
+from pipelines.staging import readable
 from pipelines.storage import (
     install,
     refuse_links,
@@ -90,12 +95,12 @@ def ingest_slide(
     on `client`, or on local threads without one. Bad input raises `IngestError`."""
     config = config or IngestConfig()
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = local_path(out_dir)
     final = out_dir / f"{source.name}.zarr"
     writable_folder(out_dir)
     remove_stale_siblings(final)
     for path in (source.image, source.labels):
-        if path is not None and not path.exists():
+        if path is not None and not is_file(path):
             raise IngestError(f"{path}: no such file")
     files = file_checksums(source)
     checksum = source_checksum(files, source)
@@ -110,7 +115,10 @@ def ingest_slide(
     refuse_links(final)
     tmp = temporary_sibling(final)
     try:
-        metadata = write_store(tmp, source, files, checksum, config, client)
+        # OpenSlide's formats on object storage are read from a local copy (`staged` beside
+        # the stores), anything else where it is.
+        with readable(source.image, out_dir.parent / "staged") as image:
+            metadata = write_store(tmp, source, files, checksum, config, client, image)
         record_identity(zarr.open_group(tmp, mode="r+"), identity, metadata)
         result.mb_written = _size_mb(tmp)
         install(tmp, final)
@@ -145,7 +153,7 @@ def ingest_archive(
     config = config or IngestConfig()
     if runtime is not None:
         config = runtime.configure(config)
-    out_dir = Path(out_dir)
+    out_dir = local_path(out_dir)
     expanded: list[SlideSource | IngestResult] = []
     for source in sources:
         try:

@@ -10,7 +10,8 @@ the stage (`pipelines.ingest.stage`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ from distributed import Client
 from pipelines.cluster import default_in_flight, map_bounded
 from pipelines.components import label_foreground
 from pipelines.ingest.config import IngestConfig
-from pipelines.sources import IngestError, SlideSource
+from pipelines.location import Where, file_size, open_binary
+from pipelines.sources import IngestError, SlideSource, source_files
 from segcore import ngff
-from segcore.readers import ReaderError, open_labels, open_slide
+from segcore.readers import ReaderError, SlideReader, open_labels, open_slide
 from segcore.store import ANNOTATIONS, STORE_FORMAT, TISSUE, chunk_manifest
 from segcore.tissue import EmptySlideError, tissue_downsample, tissue_mask
 
@@ -33,23 +35,47 @@ _UINT32_MAX = int(np.iinfo(np.uint32).max)
 # --- region tasks (run on Dask workers; they open their own readers) ----------------------
 
 
+@contextmanager
+def _opened(
+    image: Where, page: int | None, cache_bytes: int | None = None
+) -> Iterator[SlideReader]:
+    """A reader of the slide (`cache_bytes` given) or label image at `image`: a local file, or
+    an object read by range requests through an open fsspec file."""
+    if isinstance(image, Path):
+        reader = (
+            open_labels(image, page)
+            if cache_bytes is None
+            else open_slide(image, page, cache_bytes)
+        )
+        with reader:
+            yield reader
+        return
+    with open_binary(image) as fh:
+        if cache_bytes is None:
+            reader = open_labels(str(image), page, fh)
+        else:
+            reader = open_slide(str(image), page, cache_bytes, fh)
+        with reader:
+            yield reader
+
+
 def _write_image_region(
-    path: Path, page: int | None, cache_bytes: int, dst: zarr.Array, region: ngff.Region
+    path: Where, page: int | None, cache_bytes: int, dst: zarr.Array, region: ngff.Region
 ) -> tuple[int, int]:
     """Copy the slide's pixels into `dst`; returns the region's smallest and largest value."""
     ys, xs = region
-    with open_slide(path, page, cache_bytes) as reader:
+    with _opened(path, page, cache_bytes) as reader:
         block = reader.read_region(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
     dst[:, ys, xs] = block
     return int(block.min()), int(block.max())
 
 
 def _write_label_region(
-    path: Path, page: int | None, dst: zarr.Array, region: ngff.Region
+    path: Where, page: int | None, dst: zarr.Array, region: ngff.Region
 ) -> tuple[int, int]:
     """Copy label ids into `dst`; returns the region's largest and smallest non-zero id."""
     ys, xs = region
-    with open_labels(path, page) as reader:
+    with _opened(path, page) as reader:
         block = reader.read_region(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)[0]
     low, high = int(block.min()), int(block.max())
     if low < 0:
@@ -94,11 +120,11 @@ def _region_size(lazy: bool, shape: Sequence[int], config: IngestConfig) -> int:
 
 
 def _probe(
-    source: SlideSource, config: IngestConfig
+    source: SlideSource, image: Where, config: IngestConfig
 ) -> tuple[tuple[int, int, int], np.dtype, float | None, int, int]:
     """Shape, dtype, mpp and the read region sizes of the slide and its labels; checks the
-    label image against the slide."""
-    with open_slide(source.image, source.page) as reader:
+    label image against the slide; `image` is where the slide's pixels are read."""
+    with _opened(image, source.page, config.openslide_cache_mb << 20) as reader:
         shape, dtype, mpp = reader.shape, reader.dtype, reader.mpp
         image_region = _region_size(reader.lazy, shape, config)
     label_region = image_region
@@ -107,7 +133,7 @@ def _probe(
     if dtype.name not in _IMAGE_DTYPES:
         raise IngestError(f"{source.image}: unsupported pixel type {dtype} (uint8 or uint16)")
     if source.labels is not None:
-        with open_labels(source.labels, source.page) as labels:
+        with _opened(source.labels, source.page) as labels:
             if labels.shape[1:] != shape[1:]:
                 raise IngestError(
                     f"{source.labels}: label image is {labels.shape[1]} x {labels.shape[2]} px "
@@ -199,11 +225,14 @@ def write_store(
     checksum: str,
     config: IngestConfig,
     client: Client | None,
+    image: Where | None = None,
 ) -> dict:
     """Write the store of `source` into the new `folder`; returns its descriptive metadata
-    (the caller records it on the root with the stage's identity). Bad input raises
+    (the caller records it on the root with the stage's identity). The slide's pixels are
+    read from `image` (a staged local copy; default `source.image`). Bad input raises
     IngestError (or a ReaderError naming the file)."""
-    shape, dtype, mpp, image_region, label_region = _probe(source, config)
+    image = source.image if image is None else image
+    shape, dtype, mpp, image_region, label_region = _probe(source, image, config)
     root = zarr.open_group(folder, mode="w", zarr_format=3)
     levels = ngff.create_image(
         root,
@@ -216,7 +245,7 @@ def write_store(
     )
     cache = config.openslide_cache_mb << 20
     regions = ngff.level_regions(shape, image_region)
-    calls = [(source.image, source.page, cache, levels[0], r) for r in regions]
+    calls = [(image, source.page, cache, levels[0], r) for r in regions]
     value_ranges = _run(client, _write_image_region, calls)
     _build_pyramid(levels, "mean", config.chunk_size, client)
     labels = None
@@ -228,13 +257,13 @@ def write_store(
         downsample, fraction = _write_tissue(root, levels, mpp, config)
     except EmptySlideError as exc:
         raise IngestError(f"{source.image}: {exc}") from exc
-    image_bytes = sum(Path(p).stat().st_size for p in files if p != str(source.labels))
+    image_bytes = sum(file_size(p) for p in source_files(source.image))
     return {
         "store_format": STORE_FORMAT,
         "source": str(source.image),
         "source_bytes": image_bytes,
         "labels_source": str(source.labels) if source.labels else None,
-        "labels_bytes": source.labels.stat().st_size if source.labels else None,
+        "labels_bytes": file_size(source.labels) if source.labels else None,
         "page": source.page,
         "checksum": checksum,
         "file_checksums": files,
