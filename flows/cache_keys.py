@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines.config import output_settings
+from pipelines.location import ObjectUrl, file_version
 from pipelines.stage import StageOutput, segflow_version
 
 
@@ -41,10 +42,13 @@ def settings_of(config: BaseModel, *exclude: str) -> dict:
     return output_settings(config, *exclude)
 
 
-def file_identity(path: Path | None) -> list | None:
-    """(absolute path, size, mtime ns) of a source file, or None when there is none."""
+def file_identity(path: Path | ObjectUrl | None) -> list | None:
+    """(absolute path, size, mtime ns) of a source file ([URL, ETag] of an object), or None
+    when there is none."""
     if path is None:
         return None
+    if isinstance(path, ObjectUrl):
+        return [str(path), file_version(path)]
     path = Path(path).resolve()
     try:
         stat = path.stat()

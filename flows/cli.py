@@ -2,6 +2,7 @@
 
     segflow ingest SLIDES_OR_FOLDERS... [--config ingest.yaml] [key=value ...]
     segflow ingest IMAGE --labels LABELS | --manifest pairs.csv   explicit image/label pairs
+    segflow bootstrap [STORES_OR_FOLDERS...] [--config bootstrap.yaml] [nucleus=3,7 ...]
     segflow weights [STORES_OR_FOLDERS...] [--config weights.yaml] [key=value ...]
     segflow train [STORES_OR_FOLDERS...] [--config train.yaml] [key=value ...]
     segflow infer [STORES_OR_FOLDERS...] [--model URI] [--archive DIR] [--config infer.yaml] ...
@@ -88,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("--manifest", type=Path, help=MANIFEST_HELP)
     _common(ingest, "YAML file of IngestConfig fields")
+
+    bootstrap = commands.add_parser(
+        "bootstrap", help="training labels for unlabelled stores by unsupervised clustering"
+    )
+    bootstrap.add_argument(
+        "items",
+        nargs="*",
+        metavar="STORE|FOLDER|key=value",
+        help="stores, or folders of stores of which the unlabelled ones (default: "
+        "<workdir>/stores); " + kv("bootstrap"),
+    )
+    _common(bootstrap, "YAML file of BootstrapConfig fields")
 
     weights = commands.add_parser("weights", help="weight maps of labelled stores (stage 2)")
     weights.add_argument(
@@ -238,12 +251,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":  # reads no input, starts nothing
         return _config(args.stage)
     from flows.console import quiet_logging
+    from pipelines.location import local_path
     from pipelines.runtime import Runtime
 
     runtime = Runtime.from_environment(
-        workdir=args.workdir, tracking_uri=args.tracking_uri, scheduler_address=args.scheduler
+        workdir=local_path(args.workdir),
+        tracking_uri=args.tracking_uri,
+        scheduler_address=args.scheduler,
     )
     paths, overrides = split_items(args.items)
+    if args.command != "ingest":  # only slides are read from object storage yet
+        paths = [local_path(path) for path in paths]
     if args.command == "train" and os.environ.get("LOCAL_RANK", "0") != "0":
         # Lightning's DDP launcher re-runs this command once per extra device; those ranks
         # join the rank-0 training run directly, outside Prefect.
@@ -277,21 +295,34 @@ def _train_config(args, runtime, paths, overrides):
 def _ingest(args, runtime, paths, overrides) -> int:
     from flows.pipeline import ingest_flow
     from pipelines.ingest import IngestConfig
+    from pipelines.location import parse_location
     from pipelines.sources import SlideSource, as_manifest, find_slides
 
     config = load(IngestConfig, args.config, overrides)
-    sources: list[Path | SlideSource] = list(paths)
+    storage = config.object_storage.merged(runtime.object_storage)
+    paths = [parse_location(path, storage) for path in paths]  # s3://... as URLs
+    sources: list = list(paths)
     if args.labels is not None:
         if len(paths) != 1:
             raise UsageError(
                 f"--labels {args.labels}: name exactly one slide with it (got {len(paths)}); "
                 "pair several in a manifest (--manifest pairs.csv)"
             )
-        sources = [SlideSource(image=paths[0], labels=args.labels)]
+        sources = [SlideSource(image=paths[0], labels=parse_location(args.labels, storage))]
     if args.manifest is not None:
         sources.append(as_manifest(args.manifest))
     find_slides(sources)  # no such path, no slide in a folder, a bad manifest: fail before a flow
     return _run(args, runtime, ingest_flow, sources=sources, ingest=config)
+
+
+def _bootstrap(args, runtime, paths, overrides) -> int:
+    from flows.pipeline import bootstrap_flow
+    from pipelines.bootstrap import BootstrapConfig
+    from pipelines.sources import find_stores
+
+    config = load(BootstrapConfig, args.config, overrides)
+    stores = find_stores(paths or [runtime.stores_dir])
+    return _run(args, runtime, bootstrap_flow, stores=stores, bootstrap=config)
 
 
 def _weights(args, runtime, paths, overrides) -> int:
@@ -314,9 +345,12 @@ def _train(args, runtime, paths, overrides) -> int:
 def _infer(args, runtime, paths, overrides) -> int:
     from flows.pipeline import CHAMPION, infer_flow
     from pipelines.infer import InferConfig
+    from pipelines.location import local_path
     from pipelines.sources import find_slides, find_stores
 
     config = load(InferConfig, args.config, overrides)
+    if config.output_dir is not None:
+        local_path(config.output_dir)
     model = args.model or CHAMPION
     if not model.startswith(("models:/", "runs:/")) and "://" not in model:
         existing([Path(model)])
@@ -376,11 +410,14 @@ def _export(args, runtime, paths, overrides) -> int:
 
     from pipelines.cluster import ClusterConfig, dask_client
     from pipelines.export import FORMATS, ExportSource, export_store
+    from pipelines.location import local_path
     from pipelines.sources import ready_stores
     from segcore.store import INSTANCES, LABELS_GROUP
 
     if overrides:
         raise UsageError(f"export: no key=value settings, got {overrides[0]}")
+    if args.out is not None:
+        local_path(args.out)
     stores = ready_stores(
         paths or [runtime.stores_dir],
         lambda store: (store / LABELS_GROUP / INSTANCES / "0" / "zarr.json").is_file(),
@@ -443,6 +480,7 @@ def _run(args, runtime, flow, **parameters) -> int:
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "ingest": _ingest,
+    "bootstrap": _bootstrap,
     "weights": _weights,
     "train": _train,
     "infer": _infer,

@@ -34,6 +34,7 @@ from pipelines.redaction import redact_text
 #: stages' modules load torch, which `--help` should not wait for).
 STAGE_CONFIGS = {
     "ingest": "pipelines.ingest:IngestConfig",
+    "bootstrap": "pipelines.bootstrap:BootstrapConfig",
     "weights": "pipelines.weightmaps:WeightsConfig",
     "train": "pipelines.training.config:TrainConfig",
     "infer": "pipelines.infer:InferConfig",
@@ -44,6 +45,7 @@ COMMAND_STAGES = {**{stage: stage for stage in STAGE_CONFIGS}, "serve": "run", "
 #: One valid `key=value` example per command, shown in its --help (tests load each one).
 EXAMPLES = {
     "ingest": "chunk_size=512",
+    "bootstrap": "nucleus=3,7 clustering.max_iterations=200",
     "weights": "block_size=1024",
     "train": "optimizer.lr=0.001 max_steps=200",
     "infer": "batch_size=8 device=cpu",

@@ -1,6 +1,7 @@
 """The Prefect flows: each stage alone, and `pipeline_flow` end to end.
 
     ingest_flow    slides (files or folders) -> one OME-Zarr store per slide
+    bootstrap_flow unlabelled stores -> labels/bootstrap + labels/annotations by clustering
     weights_flow   labelled stores -> training/target + training/weight
     train_flow     stores -> MLflow run + registered version (champion if it validates better)
     infer_flow     stores (and/or new slides) -> labels/segmentation with the pinned champion
@@ -24,9 +25,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.outcomes import RunSummary, SlideFailures, StageOutcome, TrainedModel
-from flows.stages import TRAINING, run_infer, run_ingest, run_train, run_weights
+from flows.stages import TRAINING, run_bootstrap, run_infer, run_ingest, run_train, run_weights
+from pipelines.bootstrap import BootstrapConfig, is_unlabelled
 from pipelines.infer import InferConfig
 from pipelines.ingest import IngestConfig
+from pipelines.location import Location
 from pipelines.models import pin_model_uri
 from pipelines.redaction import redact_text, redact_uri
 from pipelines.runtime import Runtime
@@ -69,6 +72,7 @@ class PipelineConfig(BaseModel):
 # Defaults shown in the Prefect UI; never mutated (flows derive copies).
 DEFAULT_INGEST = IngestConfig()
 DEFAULT_WEIGHTS = WeightsConfig()
+DEFAULT_BOOTSTRAP = BootstrapConfig()
 DEFAULT_INFER = InferConfig()
 DEFAULT_RUNTIME = Runtime()
 
@@ -150,7 +154,7 @@ def _infer_stage(
 
 @flow(name="segflow-ingest", task_runner=_runner())
 def ingest_flow(
-    sources: list[Path | SlideSource],
+    sources: list[Location | SlideSource],
     ingest: IngestConfig = DEFAULT_INGEST,
     runtime: Runtime = DEFAULT_RUNTIME,
 ) -> RunSummary:
@@ -173,6 +177,21 @@ def weights_flow(
     summary = RunSummary("weights")
     labelled = labelled_stores(stores)
     summary.outcomes += [o for o, _ in run_weights(labelled, weights, runtime)]
+    return _finish(summary)
+
+
+@flow(name="segflow-bootstrap", task_runner=_runner())
+def bootstrap_flow(
+    stores: list[Path],
+    bootstrap: BootstrapConfig = DEFAULT_BOOTSTRAP,
+    runtime: Runtime = DEFAULT_RUNTIME,
+) -> RunSummary:
+    """Training labels for unlabelled stores (store paths, or folders of stores, of which the
+    unlabelled ones), by one clustering network trained on all of them."""
+    runtime = runtime.resolved()
+    summary = RunSummary("bootstrap")
+    unlabelled = ready_stores(stores, is_unlabelled, "is unlabelled (ingested without labels)")
+    summary.outcomes += [o for o, _ in run_bootstrap(unlabelled, bootstrap, runtime)]
     return _finish(summary)
 
 
