@@ -62,6 +62,24 @@ def _common(parser: argparse.ArgumentParser, config_help: str | None) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _kv(command: str) -> str:
+    return (
+        "key=value overrides of the configuration (dotted, YAML values; "
+        f"`segflow config {command}` lists them), e.g. {EXAMPLES[command]}"
+    )
+
+
+def _stores_command(
+    commands: argparse._SubParsersAction, name: str, summary: str, stores: str, config_help: str
+) -> None:
+    """A command over stores, or folders of stores, and key=value overrides."""
+    parser = commands.add_parser(name, help=summary)
+    parser.add_argument(
+        "items", nargs="*", metavar="STORE|FOLDER|key=value", help=f"{stores}; " + _kv(name)
+    )
+    _common(parser, config_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(
@@ -71,18 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def kv(command: str) -> str:
-        return (
-            "key=value overrides of the configuration (dotted, YAML values; "
-            f"`segflow config {command}` lists them), e.g. {EXAMPLES[command]}"
-        )
-
     ingest = commands.add_parser("ingest", help="slides -> OME-Zarr stores (stage 1)")
     ingest.add_argument(
         "items",
         nargs="*",
         metavar="SLIDE|FOLDER|MANIFEST|key=value",
-        help="slides, folders of slides, .csv manifests; " + kv("ingest"),
+        help="slides, folders of slides, .csv manifests; " + _kv("ingest"),
     )
     ingest.add_argument(
         "--labels", type=Path, help="the label image of the one SLIDE named (an explicit pair)"
@@ -90,43 +102,35 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--manifest", type=Path, help=MANIFEST_HELP)
     _common(ingest, "YAML file of IngestConfig fields")
 
-    bootstrap = commands.add_parser(
-        "bootstrap", help="training labels for unlabelled stores by unsupervised clustering"
+    _stores_command(
+        commands,
+        "bootstrap",
+        "training labels for unlabelled stores by unsupervised clustering",
+        "stores, or folders of stores of which the unlabelled ones (default: <workdir>/stores)",
+        "YAML file of BootstrapConfig fields",
     )
-    bootstrap.add_argument(
-        "items",
-        nargs="*",
-        metavar="STORE|FOLDER|key=value",
-        help="stores, or folders of stores of which the unlabelled ones (default: "
-        "<workdir>/stores); " + kv("bootstrap"),
+    _stores_command(
+        commands,
+        "weights",
+        "weight maps of labelled stores (stage 2)",
+        "stores or folders of stores (default: <workdir>/stores)",
+        "YAML file of WeightsConfig fields",
     )
-    _common(bootstrap, "YAML file of BootstrapConfig fields")
-
-    weights = commands.add_parser("weights", help="weight maps of labelled stores (stage 2)")
-    weights.add_argument(
-        "items",
-        nargs="*",
-        metavar="STORE|FOLDER|key=value",
-        help="stores or folders of stores (default: <workdir>/stores); " + kv("weights"),
+    _stores_command(
+        commands,
+        "train",
+        "train, track and register a U-Net (stage 3)",
+        "stores, or folders of stores of which those with weight maps are trained on "
+        "(default: <workdir>/stores)",
+        "YAML file of TrainConfig fields",
     )
-    _common(weights, "YAML file of WeightsConfig fields")
-
-    train = commands.add_parser("train", help="train, track and register a U-Net (stage 3)")
-    train.add_argument(
-        "items",
-        nargs="*",
-        metavar="STORE|FOLDER|key=value",
-        help="stores, or folders of stores of which those with weight maps are trained on "
-        "(default: <workdir>/stores); " + kv("train"),
-    )
-    _common(train, "YAML file of TrainConfig fields")
 
     infer = commands.add_parser("infer", help="segment stores with a model (stage 4)")
     infer.add_argument(
         "items",
         nargs="*",
         metavar="STORE|FOLDER|key=value",
-        help="stores or folders of stores (default: <workdir>/stores); " + kv("infer"),
+        help="stores or folders of stores (default: <workdir>/stores); " + _kv("infer"),
     )
     infer.add_argument(
         "--model", default=None, help="model URI or file (default: models:/segflow-unet@champion)"
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
             "items",
             nargs="*",
             metavar="ARCHIVE|key=value",
-            help="folder of slides (or `archive:` in the configuration); " + kv(name),
+            help="folder of slides (or `archive:` in the configuration); " + _kv(name),
         )
         _common(command, "YAML file of PipelineConfig fields (sections ingest, weights, ...)")
         command.add_argument("--manifest", type=Path, help=MANIFEST_HELP + "; the archive")
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="synthetic archive -> whole pipeline -> overlays")
     _common(demo, "YAML file of PipelineConfig fields to use instead of the demo's")
-    demo.add_argument("items", nargs="*", metavar="key=value", help=kv("demo"))
+    demo.add_argument("items", nargs="*", metavar="key=value", help=_kv("demo"))
 
     config = commands.add_parser(
         "config", help="list a command's configuration keys: type, default, meaning"
