@@ -70,7 +70,9 @@ def ingest_slide_task(
 ) -> IngestResult:
     """Ingest one slide into `<out_dir>/<name>.zarr`."""
     with scheduler_kept(client):
-        return ingest_slide(source, out_dir, config, client)
+        result = ingest_slide(source, out_dir, config, client)
+    # Prefect pickles this result into its storage: no credential may go with it.
+    return result.model_copy(update={"source": result.source.without_credentials()})
 
 
 def _weights_key(context: TaskRunContext, parameters: dict) -> str:

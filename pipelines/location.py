@@ -163,6 +163,13 @@ class ObjectUrl:
     def with_suffix(self, suffix: str) -> ObjectUrl:
         return ObjectUrl(self.protocol, str(self._pure.with_suffix(suffix)), self.storage)
 
+    def without_credentials(self) -> ObjectUrl:
+        """This URL with its key and secret dropped (endpoint and region kept): what may be
+        written down, e.g. in a result Prefect pickles to its storage."""
+        return ObjectUrl(
+            self.protocol, self.path, self.storage.model_copy(update={"key": None, "secret": None})
+        )
+
     def filesystem(self) -> Any:
         """The fsspec filesystem of this URL's protocol and storage settings (fsspec keeps one
         instance per set of arguments)."""

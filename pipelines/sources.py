@@ -99,6 +99,14 @@ class SlideSource(BaseModel):
         stem = slide_stem(self.image)
         return stem if self.page is None else f"{stem}-p{self.page:03d}"
 
+    def without_credentials(self) -> SlideSource:
+        """This source with object-storage keys and secrets dropped from its URLs."""
+
+        def bare(where: Location | None) -> Location | None:
+            return where.without_credentials() if isinstance(where, ObjectUrl) else where
+
+        return self.model_copy(update={"image": bare(self.image), "labels": bare(self.labels)})
+
 
 @dataclass(frozen=True)
 class FoundSlides:

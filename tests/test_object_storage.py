@@ -11,6 +11,8 @@ command, never turned into a local folder named `s3:`.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import socket
@@ -285,6 +287,14 @@ def test_cli_ingests_an_s3_prefix(tmp_path, archive, storage, endpoint):
     stores = tmp_path / "work" / "stores"
     assert sorted(p.name for p in stores.glob("*.zarr")) == ["p1.zarr", "s1.zarr"]
     assert CREDENTIALS["secret"] not in result.stdout + result.stderr
+    # Nothing the run wrote down holds the secret: not the stores, not Prefect's database,
+    # not the task results Prefect pickled into its storage (base64 inside JSON records).
+    secret = CREDENTIALS["secret"].encode()
+    written = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
+    results = list((tmp_path / "work" / "prefect" / "storage").glob("*"))
+    assert results and [p for p in written if secret in p.read_bytes()] == []
+    pickled = [base64.b64decode(json.loads(p.read_text())["result"]) for p in results]
+    assert [record for record in pickled if secret in record] == []
 
 
 def test_locations_parse_once_and_keep_credentials_out_of_text():
