@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -57,7 +56,7 @@ from pipelines.stage import (
     record_identity,
     run_archive,
 )
-from pipelines.storage import install, remove_stale_siblings, temporary_sibling
+from pipelines.storage import install, reconsolidate, remove_stale_siblings, temporary_sibling
 from segcore import ngff
 from segcore.bootstrap import (
     ClusteringConfig,
@@ -289,14 +288,6 @@ def _list_labels(store: Path, names: Sequence[str]) -> None:
         add_metadata(labels, {"version": fmt.version, "labels": wanted}, fmt=fmt)
 
 
-def _reconsolidate(store: Path) -> None:
-    """Readers that trust consolidated metadata would not see the new labels otherwise."""
-    if zarr.open_group(store, mode="r").metadata.consolidated_metadata is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            zarr.consolidate_metadata(store)
-
-
 def write_bootstrap_labels(
     slide: SlideStore,
     network: ClusteringNetwork,
@@ -358,7 +349,7 @@ def write_bootstrap_labels(
         _list_labels(slide.path, (ANNOTATIONS, BOOTSTRAP))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _reconsolidate(slide.path)
+    reconsolidate(slide.path)
     return n_instances, fraction
 
 

@@ -17,9 +17,11 @@ import errno
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import psutil
+import zarr
 
 from segcore.atomic import replacing, sibling
 
@@ -93,3 +95,13 @@ def write_file(path: Path, text: str) -> None:
     """Write `text` in place of `path`'s content: readers never see half (segcore.atomic)."""
     with replacing(path) as tmp:
         tmp.write_text(text)
+
+
+def reconsolidate(store: Path) -> None:
+    """Consolidate `store`'s metadata again where it was consolidated before: readers that
+    trust consolidated metadata would not see newly installed arrays or groups otherwise."""
+    if zarr.open_group(store, mode="r").metadata.consolidated_metadata is not None:
+        with warnings.catch_warnings():
+            # The store chose consolidation already; zarr's "not in the v3 spec" note is noise.
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            zarr.consolidate_metadata(store)

@@ -26,7 +26,6 @@ import hashlib
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from pipelines.config import output_settings
 from pipelines.ingest import SLIDE_STORE
 from pipelines.runtime import Runtime
 from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
-from pipelines.storage import install, remove_stale_siblings, temporary_sibling
+from pipelines.storage import install, reconsolidate, remove_stale_siblings, temporary_sibling
 from segcore import ngff
 from segcore.ngff import grown_region
 from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore, read_checked
@@ -259,12 +258,7 @@ def _install_maps(
         install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    # Readers that trust consolidated metadata would not see the new arrays otherwise.
-    if zarr.open_group(slide.path, mode="r").metadata.consolidated_metadata is not None:
-        with warnings.catch_warnings():
-            # The store chose consolidation already; zarr's "not in the v3 spec" note is noise.
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            zarr.consolidate_metadata(slide.path)
+    reconsolidate(slide.path)
 
 
 def _compute(
