@@ -102,10 +102,13 @@ class ObjectStorageConfig(BaseModel):
         if PROTOCOLS.get(protocol) != "s3fs":
             return {"endpoint_url": self.endpoint_url} if self.endpoint_url else {}
         options: dict[str, Any] = {
+            # Stages list what they or another client just wrote (a store's chunks, a run's
+            # done-markers): a cached listing would hide it.
+            "use_listings_cache": False,
             "config_kwargs": {
                 "connect_timeout": CONNECT_TIMEOUT_S,
                 "retries": {"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-            }
+            },
         }
         if self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
@@ -162,6 +165,24 @@ class ObjectUrl:
 
     def with_suffix(self, suffix: str) -> ObjectUrl:
         return ObjectUrl(self.protocol, str(self._pure.with_suffix(suffix)), self.storage)
+
+    def with_name(self, name: str) -> ObjectUrl:
+        return ObjectUrl(self.protocol, str(self._pure.with_name(name)), self.storage)
+
+    def relative_to(self, other: ObjectUrl) -> PurePosixPath:
+        """This URL's key below `other`'s (ValueError when it is not below it)."""
+        return self._pure.relative_to(other._pure)
+
+    def zarr_store(self, read_only: bool) -> Any:
+        """zarr's own fsspec store of this prefix (`segcore.store.RemoteLocation`)."""
+        from zarr.storage import FsspecStore
+
+        self.filesystem()  # the one-line "needs s3fs" error before zarr's ImportError
+        return FsspecStore.from_url(
+            str(self),
+            storage_options=self.storage.storage_options(self.protocol),
+            read_only=read_only,
+        )
 
     def without_credentials(self) -> ObjectUrl:
         """This URL with its key and secret dropped (endpoint and region kept): what may be

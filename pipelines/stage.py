@@ -32,16 +32,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import zarr
 from pydantic import BaseModel, ConfigDict
 
 from pipelines.cluster import SchedulerLostError
+from pipelines.location import Location, Where
 from pipelines.numerics import NumericLayout
 from pipelines.progress import RunProgress, run_progress
 from segcore.errors import one_line
+from segcore.store import open_group
 
 #: The attribute holding segflow's own metadata on a store node; the identity sits inside it.
 SEGFLOW_ATTR = "segflow"
@@ -82,14 +83,14 @@ class StageOutput:
 
     path: str
 
-    def node(self, store: Path) -> Path:
-        return Path(store) / self.path if self.path else Path(store)
+    def node(self, store: Where) -> Where:
+        return store / self.path if self.path else store
 
-    def recorded(self, store: Path) -> Identity | None:
+    def recorded(self, store: Where) -> Identity | None:
         """The identity installed with the output in `store`, or None when there is none
         (no output, an output from before identities, an unreadable one)."""
         try:
-            attrs = zarr.open_group(self.node(store), mode="r").attrs
+            attrs = open_group(self.node(store), mode="r").attrs
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, OSError):
             return None
         record = (attrs.get(SEGFLOW_ATTR) or {}).get(IDENTITY_ATTR)
@@ -98,11 +99,11 @@ class StageOutput:
         except ValueError:
             return None
 
-    def recorded_key(self, store: Path) -> str | None:
+    def recorded_key(self, store: Where) -> str | None:
         identity = self.recorded(store)
         return identity.key if identity is not None else None
 
-    def is_current(self, store: Path, wanted: Identity | str) -> bool:
+    def is_current(self, store: Where, wanted: Identity | str) -> bool:
         """Whether the output in `store` was made from `wanted` (an identity or its key)."""
         key = wanted if isinstance(wanted, str) else wanted.key
         return self.recorded_key(store) == key
@@ -137,19 +138,19 @@ class StageResult(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    store: Path
+    store: Location
     status: Status
     error: str | None = None
     seconds: float = 0.0
     identity: str | None = None
     #: Where the output went when not into `store` itself (inference's `output_dir`).
-    output: Path | None = None
+    output: Location | None = None
 
     @property
     def name(self) -> str:
         return self.store.name.removesuffix(".zarr")
 
-    def where(self) -> Path:
+    def where(self) -> Where:
         """The store holding this result's output."""
         return self.output if self.output is not None else self.store
 
@@ -162,7 +163,7 @@ def run_archive(
     items: Sequence[ItemT],
     run_one: Callable[[ItemT, RunProgress], ResultT],
     failed: Callable[[ItemT, str, float], ResultT],
-    subject: Callable[[ItemT], Path],
+    subject: Callable[[ItemT], Where],
     *,
     parallel: int = 1,
     progress: bool = False,
@@ -194,7 +195,7 @@ def run_archive(
             return list(pool.map(guarded, items))
 
 
-def error_line(subject: Path, error: BaseException) -> str:
+def error_line(subject: Where, error: BaseException) -> str:
     """One line naming `subject` (the slide or store) and the problem: a stage's own ValueError
     says it plainly, anything unexpected also says its type.
 

@@ -47,9 +47,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
+from zarr.core.sync import sync
 
 from segcore.errors import one_line
 from segcore.ngff import LABELS_GROUP
@@ -70,13 +73,50 @@ class StoreError(ValueError):
     """A store is missing, incomplete or not a segflow slide store."""
 
 
+@runtime_checkable
+class RemoteLocation(Protocol):
+    """A store somewhere other than a local folder (`pipelines.location.ObjectUrl` is one):
+    named and joined like a path, opened through the Zarr store it hands out. segcore keeps
+    to this protocol so that it needs no object-storage client."""
+
+    @property
+    def name(self) -> str: ...
+
+    def __truediv__(self, name: str) -> RemoteLocation: ...
+
+    def zarr_store(self, read_only: bool) -> Store: ...
+
+
+#: Where a store is: a local folder or a remote location.
+StoreLocation = Path | RemoteLocation
+Mode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def zarr_location(where: StoreLocation, read_only: bool = True) -> Path | Store:
+    """What `zarr.open_*` is given for `where`: the folder itself, or the remote's Zarr store."""
+    if isinstance(where, RemoteLocation) and not isinstance(where, Path):
+        return where.zarr_store(read_only)
+    return Path(where)
+
+
+def open_group(where: StoreLocation, mode: Mode = "r") -> zarr.Group:
+    """`zarr.open_group` of a local folder or a remote location (every opening of a store in
+    segflow goes through here, so a stage never asks which kind it was given)."""
+    return zarr.open_group(zarr_location(where, read_only=mode == "r"), mode=mode)
+
+
 def array_location(array: zarr.Array) -> str:
-    """Where `array` lives, for messages: its directory for a local store."""
+    """Where `array` lives, for messages: its directory for a local store, its URL for an
+    fsspec one (`s3://bucket/a.zarr/0`)."""
     store = array.store_path.store
     root = getattr(store, "root", None)
-    if root is None:
+    if root is not None:
+        return str(Path(root) / array.path) if array.path else str(root)
+    fs, path = getattr(store, "fs", None), getattr(store, "path", None)
+    if fs is None or path is None:
         return str(array.store_path)
-    return str(Path(root) / array.path) if array.path else str(root)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return f"{protocol}://{path}/{array.path}".rstrip("/")
 
 
 def _stored_keys(directory: Path) -> set[str]:
@@ -95,16 +135,22 @@ def chunk_keys(array: zarr.Array) -> list[str]:
     return [array.metadata.encode_chunk_key(c) for c in grid.all_chunk_coords(array.shape)]
 
 
-def verify_chunks(array: zarr.Array) -> None:
-    """Raise `StoreError` naming the first chunk of `array` that is not on disk.
+async def _listed(store: Store, prefix: str) -> set[str]:
+    return {key.removeprefix(prefix) async for key in store.list_prefix(prefix)}
 
-    Stores are directories here (`SlideStore.path`); one directory walk, so a 10 000-chunk
-    level costs milliseconds.
+
+def verify_chunks(array: zarr.Array) -> None:
+    """Raise `StoreError` naming the first chunk of `array` that is not stored.
+
+    One directory walk for a local store, so a 10 000-chunk level costs milliseconds; one
+    paginated listing (1000 keys a request on S3) for any other Zarr store.
     """
-    root = getattr(array.store_path.store, "root", None)
-    if root is None:
-        return  # not a directory store: nothing to list cheaply
-    stored = _stored_keys(Path(root) / array.path)
+    store = array.store_path.store
+    root = getattr(store, "root", None)
+    if root is not None:
+        stored = _stored_keys(Path(root) / array.path)
+    else:
+        stored = sync(_listed(store, f"{array.path}/" if array.path else ""))
     for key in chunk_keys(array):
         if key not in stored:
             raise StoreError(f"{array_location(array)}: chunk {key}: missing")
@@ -174,15 +220,16 @@ class CheckedArray:
 
 @dataclass(frozen=True)
 class SlideStore:
-    """Read access to one ingested slide store; arrays are opened lazily, chunk by chunk."""
+    """Read access to one ingested slide store (a local folder or a remote location); arrays
+    are opened lazily, chunk by chunk."""
 
-    path: Path
+    path: StoreLocation
 
     @classmethod
-    def open(cls, path: str | Path) -> SlideStore:
-        path = Path(path)
+    def open(cls, path: str | StoreLocation) -> SlideStore:
+        path = Path(path) if isinstance(path, str) else path
         try:
-            group = zarr.open_group(path, mode="r")
+            group = open_group(path, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(f"{path}: not a Zarr group ({exc})") from exc
         except ValueError as exc:  # zarr.json that is not JSON, or not Zarr's
@@ -199,7 +246,7 @@ class SlideStore:
 
     @property
     def group(self) -> zarr.Group:
-        return zarr.open_group(self.path, mode="r")
+        return open_group(self.path, mode="r")
 
     @property
     def metadata(self) -> dict:

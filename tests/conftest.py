@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3_helpers import CREDENTIALS, moto_server
 
+from pipelines.location import ObjectStorageConfig
 from segcore.checkpoint import save_unet
 from segcore.model import UNet
 
@@ -41,3 +43,16 @@ def untrained_rgb_unet(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_unet(UNet(3, 2, base_channels=4, depth=3, dropout=0.0).eval(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free loopback port, for the session."""
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_storage(s3_endpoint: str) -> ObjectStorageConfig:
+    """How to reach `s3_endpoint`, with test credentials."""
+    return ObjectStorageConfig(endpoint_url=s3_endpoint, **CREDENTIALS)

@@ -15,17 +15,16 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from s3_helpers import CREDENTIALS, new_bucket, upload
+from server_helpers import free_port
 
 from flows.cli import main
 from pipelines.cluster import ClusterConfig, dask_client
@@ -44,61 +43,8 @@ from pipelines.staging import StagingCache
 from segcore.synthetic import write_synthetic_slide
 
 SEGFLOW = Path(sys.executable).with_name("segflow")
-MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = IngestConfig(chunk_size=128, region_chunks=2, min_level_size=128)
-CREDENTIALS = {"key": "testing", "secret": "testing-secret", "region": "eu-west-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def endpoint() -> Iterator[str]:
-    """A moto S3 server on a free loopback port, for the session."""
-    if not MOTO_SERVER.exists():
-        pytest.skip("moto_server is not installed (pip install -e '.[dev]' brings moto[server])")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start on port {port}")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.kill()
-        server.wait()
-
-
-@pytest.fixture(scope="session")
-def storage(endpoint: str) -> ObjectStorageConfig:
-    return ObjectStorageConfig(endpoint_url=endpoint, **CREDENTIALS)
-
-
-def new_bucket(storage: ObjectStorageConfig) -> ObjectUrl:
-    bucket = parse_location(f"s3://segflow-{uuid.uuid4().hex[:12]}", storage)
-    bucket.filesystem().mkdir(bucket.path)
-    return bucket
-
-
-def upload(local: Path, prefix: ObjectUrl) -> None:
-    fs = prefix.filesystem()
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            fs.put_file(str(path), f"{prefix.path}/{path.relative_to(local).as_posix()}")
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +88,8 @@ def assert_same_stores(local: list, remote: list) -> None:
         assert chunks == chunk_files(theirs.store)
 
 
-def test_ingest_from_s3_equals_local(tmp_path, archive, storage, client):
-    prefix = new_bucket(storage) / "archive"
+def test_ingest_from_s3_equals_local(tmp_path, archive, s3_storage, client):
+    prefix = new_bucket(s3_storage) / "archive"
     upload(archive, prefix)
     found = find_slides([prefix])
     assert [str(s.image) for s in found.sources] == [f"{prefix}/p1.png", f"{prefix}/s1.tif"]
@@ -159,11 +105,11 @@ def test_ingest_from_s3_equals_local(tmp_path, archive, storage, client):
     assert [r.status for r in again] == ["skipped", "skipped"]
 
 
-def test_svs_is_staged_and_equals_local(tmp_path, storage, client):
+def test_svs_is_staged_and_equals_local(tmp_path, s3_storage, client):
     svs = DATA / "wsi_cmu1_small" / "CMU-1-Small-Region.svs"
     if not svs.is_file():
         pytest.skip(f"{svs} is not available")
-    prefix = new_bucket(storage) / "wsi"
+    prefix = new_bucket(s3_storage) / "wsi"
     prefix.filesystem().put_file(str(svs), f"{prefix.path}/{svs.name}")
     config = IngestConfig(chunk_size=512, min_level_size=256)
     local = ingest_archive(
@@ -175,7 +121,7 @@ def test_svs_is_staged_and_equals_local(tmp_path, storage, client):
     staged = list((tmp_path / "remote" / "staged").glob("*/*.svs"))
     assert [p.read_bytes() == svs.read_bytes() for p in staged] == [True]
 
-    tiny = storage.model_copy(update={"stage_cache_mb": 1})
+    tiny = s3_storage.model_copy(update={"stage_cache_mb": 1})
     url = parse_location(str(remote_sources[0].image), tiny)
     failed = ingest_archive(
         find_slides([url]).sources, tmp_path / "tiny" / "stores", config, client=client
@@ -187,8 +133,8 @@ def test_svs_is_staged_and_equals_local(tmp_path, storage, client):
     )
 
 
-def test_staging_cache_removes_least_recently_used(tmp_path, storage):
-    prefix = new_bucket(storage) / "blobs"
+def test_staging_cache_removes_least_recently_used(tmp_path, s3_storage):
+    prefix = new_bucket(s3_storage) / "blobs"
     fs = prefix.filesystem()
     for name in ("a.svs", "b.svs", "c.svs"):
         fs.pipe_file(f"{prefix.path}/{name}", bytes(400_000))
@@ -272,13 +218,13 @@ def test_cli_reads_the_endpoint_from_the_environment(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_cli_ingests_an_s3_prefix(tmp_path, archive, storage, endpoint):
-    prefix = new_bucket(storage) / "archive"
+def test_cli_ingests_an_s3_prefix(tmp_path, archive, s3_storage, s3_endpoint):
+    prefix = new_bucket(s3_storage) / "archive"
     upload(archive, prefix)
     result = run_segflow(
         ["ingest", str(prefix), "--workdir", str(tmp_path / "work"), "chunk_size=128"],
         tmp_path,
-        AWS_ENDPOINT_URL=endpoint,
+        AWS_ENDPOINT_URL=s3_endpoint,
         AWS_ACCESS_KEY_ID=CREDENTIALS["key"],
         AWS_SECRET_ACCESS_KEY=CREDENTIALS["secret"],
         AWS_DEFAULT_REGION=CREDENTIALS["region"],
