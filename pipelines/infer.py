@@ -51,6 +51,7 @@ from pipelines.inference.outputs import (
     InstanceRule,
     WorkGroup,
     built_instances,
+    check_output,
     class_fractions,
     create_work_group,
     finish,
@@ -61,12 +62,14 @@ from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.inference.report import print_summary
 from pipelines.inference.source import resolve_model
 from pipelines.ingest import SLIDE_STORE
+from pipelines.location import Location, ObjectUrl, Where, parse_location
 from pipelines.numerics import NumericLayout
 from pipelines.progress import RunProgress
 from pipelines.redaction import RedactedUri
 from pipelines.runtime import Runtime
 from pipelines.sources import find_stores
 from pipelines.stage import Identity, StageOutput, StageResult, error_line, run_archive
+from pipelines.storage import exists, writable_folder
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
 from segcore.orientation import OrientationSet, orientations
@@ -104,7 +107,9 @@ class InferConfig(BaseModel):
     channels_last: bool = True
     compile: bool = False
     probabilities: Literal["uint8", "float16"] | None = None
-    output_dir: Path | None = None
+    #: Where each slide's labels go (`<output_dir>/<slide>.zarr`) instead of into its own
+    #: store: a folder, or a prefix on object storage in the slide store's bucket.
+    output_dir: Location | None = None
     skip_background: bool = True
     #: Test-time averaging of the softmax over oriented passes (each an exact overlap-tile
     #: pass): "flips" (4 passes), "dihedral" (8: flips and 90-degree rotations).
@@ -232,22 +237,22 @@ class Segmenter:
                 self._session = self._stack.enter_context(session)
             return self._session
 
-    def segment(self, store: str | Path, progress: RunProgress | None = None) -> InferResult:
-        """Segment one slide store; raises InferError naming it, or SchedulerLostError when
-        the cluster is gone (no later slide could run either)."""
+    def segment(self, store: str | Where, progress: RunProgress | None = None) -> InferResult:
+        """Segment one slide store (a folder, or a prefix on object storage); raises
+        InferError naming it, or SchedulerLostError when the cluster is gone (no later slide
+        could run either)."""
         session = self.open()
+        where = parse_location(store)
         with scheduler_kept(session.client):
             try:
-                result = _segment(
-                    Path(store), session, self.config, progress or RunProgress(None, 1)
-                )
+                result = _segment(where, session, self.config, progress or RunProgress(None, 1))
                 if self.config.export:
                     result.exports = _export(result, self.config.export, session)
                 return result
             except (InferError, SchedulerLostError):
                 raise
             except Exception as exc:
-                raise InferError(error_line(Path(store), exc)) from exc
+                raise InferError(error_line(where, exc)) from exc
 
     def close(self) -> None:
         """Take the model off the workers (and stop a cluster the session started)."""
@@ -333,7 +338,7 @@ def _jobs(
 
 
 def _segment(
-    store: Path, session: _Session, config: InferConfig, progress: RunProgress
+    store: Where, session: _Session, config: InferConfig, progress: RunProgress
 ) -> InferResult:
     """Segment one slide, resuming its journal; raises on any problem."""
     start, started_at = time.perf_counter(), datetime.now(UTC).isoformat()
@@ -383,13 +388,19 @@ def _segment(
     result = InferResult(
         store=slide.path, status="written", output=output, identity=key, shape=plan.shape
     )
-    output.mkdir(parents=True, exist_ok=True)
+    check_output(output, slide.path)
+    if config.export and isinstance(output, ObjectUrl):
+        raise InferError(
+            f"{output}: exports ({', '.join(config.export)}) beside a store on object storage "
+            "are not supported yet; export it with a local output folder"
+        )
+    writable_folder(output)
     with run_lock(output):
         journal = Journal.of(output, key)
         # Current = made from this store by this model with these output-changing settings;
         # anything else replaces it, as ingest and weights redo theirs.
         current = SEGMENTATION_OUTPUT.is_current(output, identity)
-        if current and not journal.root.exists() and not config.overwrite:
+        if current and not exists(journal.root) and not config.overwrite:
             result.status = "skipped"
             result.error = "already segmented with this model and settings"
             return result
@@ -471,7 +482,7 @@ def _segment(
 
 
 def _run_blocks(
-    session: _Session, jobs: Iterator[tuple[str, tuple[BlockJob]]], store: Path
+    session: _Session, jobs: Iterator[tuple[str, tuple[BlockJob]]], store: Where
 ) -> Iterator[tuple[str, dict]]:
     """Run block jobs on the cluster; a failure names the slide and the block."""
     results = map_bounded(session.client, run_block, jobs, session.max_in_flight)
@@ -485,7 +496,7 @@ def _run_blocks(
 
 
 def _infer_all(
-    stores: Sequence[Path], model_uri: str | Path, config: InferConfig, client: Client | None
+    stores: Sequence[Where], model_uri: str | Path, config: InferConfig, client: Client | None
 ) -> list[InferResult]:
     with Segmenter(model_uri, config, client) as segmenter:
         segmenter.open()  # a model or cluster problem ends the call before any slide
@@ -501,17 +512,19 @@ def _infer_all(
 
 
 def infer_slide(
-    store: str | Path, model_uri: str | Path, config: InferConfig, client: Client | None = None
+    store: str | Where, model_uri: str | Path, config: InferConfig, client: Client | None = None
 ) -> InferResult:
-    """Segment one slide store; raises InferError with a one-line message when it fails."""
-    (result,) = _infer_all([Path(store)], model_uri, config, client)
+    """Segment one slide store (a folder or an object-storage prefix, e.g. an `ObjectUrl`
+    parsed with its storage settings); raises InferError with a one-line message when it
+    fails."""
+    (result,) = _infer_all([parse_location(store)], model_uri, config, client)
     if result.status == "failed":
         raise InferError(result.error)
     return result
 
 
 def infer_archive(
-    stores: Sequence[str | Path] | str | Path,
+    stores: Sequence[str | Where] | str | Where,
     model_uri: str | Path,
     config: InferConfig,
     client: Client | None = None,
@@ -522,7 +535,7 @@ def infer_archive(
     `runtime` supplies the MLflow store and the Dask scheduler (`Runtime.configure`)."""
     if runtime is not None:
         config = runtime.configure(config)
-    paths = find_stores([stores] if isinstance(stores, str | Path) else stores)
+    paths = find_stores([stores] if isinstance(stores, str | Path | ObjectUrl) else stores)
     results = _infer_all(paths, model_uri, config, client)
     if config.progress:
         print_summary(results)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -15,9 +14,10 @@ from distributed import get_worker
 
 from pipelines.inference.model import ModelPlugin
 from pipelines.inference.plan import Block, OrientedView
+from pipelines.location import Where
 from pipelines.storage import write_file
 from segcore.ngff import writable
-from segcore.store import StoreError, read_checked
+from segcore.store import StoreError, read_checked, zarr_location
 from segcore.tiling import TilePlan, predict_padded
 
 ProbabilityFormat = Literal["uint8", "float16"]
@@ -25,28 +25,33 @@ ProbabilityFormat = Literal["uint8", "float16"]
 
 @dataclass(frozen=True)
 class BlockJob:
-    """Everything a worker needs for one block; plain paths, so it pickles small."""
+    """Everything a worker needs for one block; locations (local paths, or object-storage
+    URLs with the settings to reach them), so it pickles small."""
 
     plugin: str
     block: Block
     slide_shape: tuple[int, int]
-    image: Path
-    tissue: Path | None
+    image: Where
+    tissue: Where | None
     tissue_downsample: int
-    segmentation: Path
-    probabilities: Path | None
+    segmentation: Where
+    probabilities: Where | None
     probability_format: ProbabilityFormat | None
-    marker: Path
+    marker: Where
     batch_size: int
     precision: str
     skip_background: bool
+
+
+def _open(where: Where, mode: str) -> zarr.Array:
+    return zarr.open_array(zarr_location(where, read_only=mode == "r"), mode=mode)
 
 
 def has_tissue(job: BlockJob) -> bool:
     """Whether the block or its margin touches tissue (always true without a tissue mask)."""
     if job.tissue is None:
         return True
-    mask = zarr.open_array(job.tissue, mode="r")
+    mask = _open(job.tissue, "r")
     d, m, b = job.tissue_downsample, job.block.tiles.margin, job.block
     rows = slice(max(0, (b.y0 - m) // d), min(mask.shape[0], -(-(b.y1 + m) // d)))
     cols = slice(max(0, (b.x0 - m) // d), min(mask.shape[1], -(-(b.x1 + m) // d)))
@@ -56,7 +61,7 @@ def has_tissue(job: BlockJob) -> bool:
 def read_input(job: BlockJob) -> np.ndarray:
     """The block's padded C x PH x PW input: one contiguous read, mirrored in memory."""
     rows, cols = job.block.input_indices(job.slide_shape)
-    image = zarr.open_array(job.image, mode="r")
+    image = _open(job.image, "r")
     r0, c0 = int(rows.min()), int(cols.min())
     window = read_checked(
         image, (slice(None), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
@@ -68,7 +73,7 @@ def read_view(job: BlockJob, view: OrientedView) -> np.ndarray:
     """One orientation's padded C x PH x PW input of the block (oriented, mirrored at the
     slide's borders): one contiguous read of the source window, gathered."""
     rows, cols = view.source_indices(job.slide_shape)
-    image = zarr.open_array(job.image, mode="r")
+    image = _open(job.image, "r")
     r0, c0 = int(rows.min()), int(cols.min())
     window = read_checked(
         image, (slice(None), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
@@ -137,19 +142,19 @@ def _run_block(job: BlockJob) -> dict:
     if job.skip_background and not has_tissue(job):
         # Written as zeros all the same: every chunk of a segflow array is stored, so one
         # missing later is damage, not background (segcore.ngff); zeros compress to nothing.
-        segmentation = writable(zarr.open_array(job.segmentation, mode="r+"))
+        segmentation = writable(_open(job.segmentation, "r+"))
         segmentation[job.block.region] = 0
         if job.probabilities is not None:
-            probs = writable(zarr.open_array(job.probabilities, mode="r+"))
+            probs = writable(_open(job.probabilities, "r+"))
             probs[(slice(None), *job.block.region)] = 0
         outcome = {"status": "background", "class_counts": [area] + [0] * (n_classes - 1)}
     else:
         scores, averaged = _predict(job, runner)
         # max(0).indices: the same first-maximum rule as argmax(0), which is 8x slower on CPU.
         classes = scores.max(0).indices.to(torch.uint8).cpu().numpy()
-        writable(zarr.open_array(job.segmentation, mode="r+"))[job.block.region] = classes
+        writable(_open(job.segmentation, "r+"))[job.block.region] = classes
         if job.probabilities is not None:
-            probs = writable(zarr.open_array(job.probabilities, mode="r+"))
+            probs = writable(_open(job.probabilities, "r+"))
             probs[(slice(None), *job.block.region)] = _probabilities(
                 scores, job.probability_format, averaged
             )

@@ -18,14 +18,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import psutil
+
+from pipelines.location import Where, is_folder, list_folder
+from pipelines.storage import create_exclusive, read_text, remove_file, remove_tree
 
 JOURNAL_DIR = ".segflow-infer"
 
@@ -38,52 +40,65 @@ class RunLockedError(ValueError):
 class Journal:
     """The block markers of one run on one output store."""
 
-    root: Path
+    root: Where
 
     @classmethod
-    def of(cls, output: Path, key: str) -> Journal:
+    def of(cls, output: Where, key: str) -> Journal:
         return cls(output / JOURNAL_DIR / key)
 
     @property
-    def done_dir(self) -> Path:
+    def done_dir(self) -> Where:
         return self.root / "done"
 
-    def marker(self, block_name: str) -> Path:
+    def marker(self, block_name: str) -> Where:
         return self.done_dir / f"{block_name}.json"
 
     def done(self) -> dict[str, dict]:
-        """Outcomes of the blocks already finished, by block name."""
-        if not self.done_dir.is_dir():
+        """Outcomes of the blocks already finished, by block name (one listing, then a read
+        per marker)."""
+        if not is_folder(self.done_dir):
             return {}
-        return {p.stem: json.loads(p.read_text()) for p in self.done_dir.glob("*.json")}
+        files, _ = list_folder(self.done_dir)
+        return {
+            PurePosixPath(f.name).stem: json.loads(read_text(f))
+            for f in files
+            if f.name.endswith(".json")
+        }
 
     def start(self) -> None:
         """Create this run's directory and drop other runs' leftovers (the lock is held)."""
-        for other in self.root.parent.iterdir():
-            if other.is_dir() and other != self.root:
-                shutil.rmtree(other)
-        self.done_dir.mkdir(parents=True, exist_ok=True)
+        _, runs = list_folder(self.root.parent)
+        for other in runs:
+            if other != self.root:
+                remove_tree(other)
+        if isinstance(self.done_dir, Path):
+            self.done_dir.mkdir(parents=True, exist_ok=True)
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.root.parent.rmdir()
+        remove_tree(self.root)
+        if isinstance(self.root, Path):
+            with contextlib.suppress(OSError):
+                self.root.parent.rmdir()
 
 
 #: A lock file still empty after this long was left by a run killed while creating it.
 EMPTY_LOCK_GRACE_S = 10.0
 
 
-def _read_lock(path: Path) -> dict:
+def _read_lock(path: Where) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except (OSError, ValueError):
         return {}
 
 
-def _is_stale(path: Path, holder: dict) -> bool:
-    """True when the holder ran on this host and its process is gone."""
+def _is_stale(path: Where, holder: dict) -> bool:
+    """True when the holder ran on this host and its process is gone. A lock object on
+    object storage is never empty (one PUT writes it whole), so one without a holder there
+    was not written by segflow and is left to the user."""
     if not holder:
+        if not isinstance(path, Path):
+            return False
         with contextlib.suppress(OSError):
             return time.time() - path.stat().st_mtime > EMPTY_LOCK_GRACE_S
         return True
@@ -100,32 +115,31 @@ def _is_stale(path: Path, holder: dict) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(output: Path) -> Iterator[Path]:
-    """Hold the output store's run lock; a second run refuses, a dead holder's lock is taken."""
+def run_lock(output: Where) -> Iterator[Where]:
+    """Hold the output store's run lock; a second run refuses, a dead holder's lock is taken.
+    Taken by an exclusive create (`pipelines.storage.create_exclusive`: O_EXCL locally, a
+    conditional PUT on object storage), so two runs never both hold it."""
     path = output / JOURNAL_DIR / "lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": time.time()})
     for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            if not _is_stale(path, holder):
-                raise RunLockedError(
-                    f"{output}: another inference run holds it (pid {holder.get('pid')} on "
-                    f"{holder.get('host')} since {time.ctime(holder.get('start', 0))}); "
-                    f"remove {path} if that run is gone"
-                ) from None
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        break
+        if create_exclusive(path, payload):
+            break
+        holder = _read_lock(path)
+        if not _is_stale(path, holder):
+            raise RunLockedError(
+                f"{output}: another inference run holds it (pid {holder.get('pid')} on "
+                f"{holder.get('host')} since {time.ctime(holder.get('start', 0))}); "
+                f"remove {path} if that run is gone"
+            )
+        remove_file(path)
     else:
         raise RunLockedError(f"{output}: could not take the run lock {path}")
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()
+        remove_file(path)
+        if isinstance(path, Path):
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()

@@ -3,7 +3,8 @@
 Blocks write level 0 of `labels/segmentation` (and `probabilities`) inside
 `.segflow-infer/<run key>/out`; once every block is done, `finish` derives the pyramid levels
 and `labels/instances` there, then `install_run` renames each finished group into the output
-store (`pipelines.storage.install`).
+store (`pipelines.storage.install`: a rename locally, a server-side copy on object storage,
+its chunks first and its metadata last).
 A reader of the store therefore sees the previous result or the new one, never half of one,
 and every derived array is rebuilt from level 0 when a run is resumed before `finish` ended.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import posixpath
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +27,20 @@ from ome_zarr.writer import add_metadata, get_metadata
 
 from pipelines.cluster import map_bounded
 from pipelines.components import Labelling, clean_foreground, label_foreground
+from pipelines.location import ObjectUrl, Where
 from pipelines.stage import Identity, record_identity
-from pipelines.storage import install, remove_stale_siblings
+from pipelines.storage import (
+    METADATA_DOCUMENT,
+    OutputError,
+    exists,
+    install,
+    read_text,
+    remove_stale_siblings,
+    remove_tree,
+    write_file,
+)
 from segcore import ngff
-from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION
+from segcore.store import INSTANCES, LABELS_GROUP, SEGMENTATION, open_group, zarr_location
 
 PROBABILITIES = "probabilities"
 _BUILT = "built"
@@ -41,26 +52,26 @@ _READY = "ready"
 class WorkGroup:
     """The output arrays of one run, inside its journal directory."""
 
-    root: Path
+    root: Where
 
     @property
     def group(self) -> zarr.Group:
-        return zarr.open_group(self.root, mode="a")
+        return open_group(self.root, mode="a")
 
-    def label_path(self, name: str, level: int = 0) -> Path:
+    def label_path(self, name: str, level: int = 0) -> Where:
         return self.root / LABELS_GROUP / name / str(level)
 
     @property
-    def probabilities_path(self) -> Path:
+    def probabilities_path(self) -> Where:
         return self.root / PROBABILITIES / "0"
 
     @property
     def is_built(self) -> bool:
-        return (self.root / _BUILT).exists()
+        return exists(self.root / _BUILT)
 
 
 def create_work_group(
-    root: Path,
+    root: Where,
     shape: tuple[int, int],
     chunk_size: int,
     n_levels: int,
@@ -77,9 +88,9 @@ def create_work_group(
     (`label_foreground`, exports of the instances, the benchmarks' Dice), so nothing is lost
     by keeping the boundary and nothing reads 2 as a different object."""
     work = WorkGroup(root)
-    if (root / _READY).exists():
+    if exists(root / _READY):
         return work
-    group = zarr.open_group(root, mode="w")
+    group = open_group(root, mode="w")
     if probabilities is not None:
         ngff.create_image(
             group.create_group(PROBABILITIES),
@@ -100,7 +111,7 @@ def create_work_group(
         mpp=mpp,
         properties=properties or None,
     )
-    (root / _READY).touch()
+    write_file(root / _READY, "")
     return work
 
 
@@ -203,7 +214,7 @@ def finish(
             "source": SEGMENTATION,
         },
     )
-    (work.root / _BUILT).write_text(json.dumps(asdict(labelling)))
+    write_file(work.root / _BUILT, json.dumps(asdict(labelling)))
     return labelling
 
 
@@ -211,30 +222,69 @@ def record_run(work: WorkGroup, identity: Identity, metadata: dict) -> None:
     """The run's identity and metadata on the segmentation label (and its identity on the
     probabilities), unless an interrupted install moved them already."""
     label = work.root / LABELS_GROUP / SEGMENTATION
-    if label.exists():
-        record_identity(zarr.open_group(label, mode="r+"), identity, metadata)
-    if (work.root / PROBABILITIES).exists():
-        record_identity(zarr.open_group(work.root / PROBABILITIES, mode="r+"), identity)
+    if _uninstalled(label):
+        record_identity(open_group(label, mode="r+"), identity, metadata)
+    if _uninstalled(work.root / PROBABILITIES):
+        record_identity(open_group(work.root / PROBABILITIES, mode="r+"), identity)
 
 
 def built_instances(work: WorkGroup) -> Labelling:
     """The labelling of a run whose instances were built before it was interrupted."""
-    return Labelling(**json.loads((work.root / _BUILT).read_text()))
+    return Labelling(**json.loads(read_text(work.root / _BUILT)))
 
 
-def _install(new: Path, final: Path) -> None:
+def _uninstalled(group: Where) -> bool:
+    """Whether the finished group `group` of the work group is still to be installed: its
+    metadata is there (an install removes it with the rest, metadata first on object
+    storage, so a group an interrupted install left half-removed counts as installed)."""
+    return exists(group / METADATA_DOCUMENT)
+
+
+def _install(new: Where, final: Where) -> None:
     remove_stale_siblings(final)
     install(new, final)
 
 
-def _ensure_group(path: Path, attrs: dict) -> zarr.Group:
+def _ensure_group(where: Where, attrs: dict) -> zarr.Group:
     try:
-        return zarr.open_group(path, mode="r+")
+        return open_group(where, mode="r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        return zarr.create_group(path, attributes=attrs)
+        return zarr.create_group(zarr_location(where, read_only=False), attributes=attrs)
 
 
-def install_run(work: WorkGroup, output: Path, image_store: Path, probabilities: bool) -> None:
+def _same_store(a: Where, b: Where) -> bool:
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return a == b
+
+
+def image_link(image_store: Where, label: Where) -> str:
+    """The relative path from the label group `label` to its image's store, as NGFF's
+    "image-label" source names it; both must be local, or both in one bucket.
+
+    >>> image_link(ObjectUrl("s3", "lab/stores/a.zarr"), ObjectUrl("s3", "lab/out/a.zarr/labels/x"))
+    '../../../../stores/a.zarr'
+    """
+    if isinstance(image_store, Path) and isinstance(label, Path):
+        return os.path.relpath(image_store.resolve(), label.resolve())
+    if isinstance(image_store, ObjectUrl) and isinstance(label, ObjectUrl):
+        bucket, other = image_store.path.split("/")[0], label.path.split("/")[0]
+        if image_store.protocol == label.protocol and bucket == other:
+            return posixpath.relpath(image_store.path, label.path)
+    raise OutputError(
+        f"{label}: cannot link labels to the image {image_store} by a relative path (the "
+        "output must be in the same bucket as the slide store, or both local)"
+    )
+
+
+def check_output(output: Where, image_store: Where) -> None:
+    """Raise `OutputError` (one line) when labels written to `output` could not link to the
+    image in `image_store` (see `image_link`); nothing is written before this passes."""
+    if not _same_store(output, image_store):
+        image_link(image_store, output / LABELS_GROUP / SEGMENTATION)
+
+
+def install_run(work: WorkGroup, output: Where, image_store: Where, probabilities: bool) -> None:
     """Move the finished groups into `output` and list the labels there (idempotent); an older
     run's probabilities go when this run wrote none, as they belong to the result replaced.
 
@@ -248,22 +298,20 @@ def install_run(work: WorkGroup, output: Path, image_store: Path, probabilities:
     labels = _ensure_group(output / LABELS_GROUP, {})
     for name in (SEGMENTATION, INSTANCES):
         new = work.root / LABELS_GROUP / name
-        if not new.exists():
+        if not _uninstalled(new):
             continue  # moved by an earlier, interrupted install
-        if output.resolve() != image_store.resolve():
+        if not _same_store(output, image_store):
             # NGFF links a label to its image by a relative path; here the image is elsewhere.
-            label = zarr.open_group(new, mode="r+")
+            label = open_group(new, mode="r+")
             ome = dict(label.attrs["ome"])
-            source = os.path.relpath(
-                image_store.resolve(), (output / LABELS_GROUP / name).resolve()
-            )
+            source = image_link(image_store, output / LABELS_GROUP / name)
             ome["image-label"] = {**ome["image-label"], "source": {"image": source}}
             label.attrs["ome"] = ome
         _install(new, output / LABELS_GROUP / name)
-    if (work.root / PROBABILITIES).exists():
+    if _uninstalled(work.root / PROBABILITIES):
         _install(work.root / PROBABILITIES, output / PROBABILITIES)
     elif not probabilities:
-        shutil.rmtree(output / PROBABILITIES, ignore_errors=True)
+        remove_tree(output / PROBABILITIES)
     names = get_metadata(labels).get("labels", [])
     listed = names + [n for n in (SEGMENTATION, INSTANCES) if n not in names]
     if listed != names:
