@@ -10,6 +10,14 @@ in one folder bounded in bytes: the least recently used copies go to make room.
         ...                                            # as is, an OpenSlide slide staged, a
                                                        # TIFF/PNG object as is (range reads)
 
+Which folder: `ObjectStorageConfig.stage_dir` when set, else `stage_dir_for(out_dir)`, the
+folder `staged` beside a local stores folder and, when the stores themselves are on object
+storage (nothing may go beside them), `segflow-<uid>/staged` in the system's temporary folder
+(`tempfile.gettempdir()`: TMPDIR, else /tmp), one per user and shared by that user's runs.
+Every Dask worker reads the copy, so on a cluster of several hosts with stores on object
+storage set `stage_dir` to a folder they share; where the temporary folder is small or held in
+memory (tmpfs), set it to a disk.
+
 A copy is named by the URL and the object's version (its ETag), so a replaced object is
 fetched again, and keeps the object's name (OpenSlide tells formats by extension). It is
 downloaded under a hidden temporary name and renamed when complete, so a half-fetched copy is
@@ -23,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -98,6 +107,18 @@ class StagingCache:
                     total -= copy.stat().st_size
                     copy.unlink()
                     self.removed += 1
+
+
+def stage_dir_for(out_dir: Where) -> Path:
+    """The staging folder for slides ingested into `out_dir` when the storage settings name
+    none (module docstring).
+
+    Example: stage_dir_for(Path("work/stores")) -> Path("work/staged");
+    stage_dir_for(ObjectUrl("s3", "lab/stores")) -> Path("/tmp/segflow-1000/staged").
+    """
+    if isinstance(out_dir, Path):
+        return out_dir.parent / "staged"
+    return Path(tempfile.gettempdir()) / f"segflow-{os.getuid()}" / "staged"
 
 
 @contextmanager

@@ -6,31 +6,31 @@ Per slide (`ingest_slide`):
      slide is "skipped";
   2. the store is written into a hidden sibling `.<name>.zarr.tmp-<pid>-<random>`
      (`pipelines.ingest.writer`), its identity recorded on the root last;
-  3. the finished store is renamed into place (`pipelines.storage.install`); a failed slide
-     leaves nothing behind.
+  3. the finished store is put in place (`pipelines.storage.install`: a rename locally, a
+     server-side copy published metadata last on object storage); a failed slide leaves
+     nothing behind.
 `ingest_archive` runs many slides, `parallel_slides` at a time, on one Dask cluster and reports
-per slide, so one bad slide never stops the others. Stores must live on a file system every
-worker can reach. Slides may also be objects (`s3://...`, pipelines.location): TIFF and PNG
-are read where they are by range requests, OpenSlide's formats from a local copy staged under
-`<out_dir>/../staged` (pipelines.staging), and the identity is that of the same bytes read
-locally.
+per slide, so one bad slide never stops the others. Stores live on a file system every worker
+can reach, or under an object-storage prefix (`out_dir` an `s3://...` URL, reached with
+`config.object_storage` unless it is an `ObjectUrl` carrying its own settings): the same
+steps, chunk for chunk the same store, and nothing local is created for it. Slides may also
+be objects (pipelines.location): TIFF and PNG are read where they are by range requests,
+OpenSlide's formats from a local copy in the staging cache (`pipelines.staging.stage_dir_for`),
+and the identity is that of the same bytes read locally.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from pathlib import Path
 
-import zarr
 from distributed import Client
 
 from pipelines.cluster import dask_client
 from pipelines.ingest.config import IngestConfig
 from pipelines.ingest.writer import write_store
-from pipelines.location import is_file, local_path
+from pipelines.location import Where, is_file, parse_location
 from pipelines.progress import RunProgress
 from pipelines.runtime import Runtime
 from pipelines.sources import (
@@ -42,15 +42,17 @@ from pipelines.sources import (
     source_checksum,
 )
 from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
-from pipelines.staging import readable
+from pipelines.staging import readable, stage_dir_for
 from pipelines.storage import (
     install,
     refuse_links,
     remove_stale_siblings,
+    remove_tree,
     temporary_sibling,
+    tree_bytes,
     writable_folder,
 )
-from segcore.store import STORE_FORMAT
+from segcore.store import STORE_FORMAT, open_group
 
 #: A slide store's identity is recorded on its root group.
 SLIDE_STORE = StageOutput("")
@@ -75,10 +77,6 @@ def store_identity(checksum: str, config: IngestConfig) -> Identity:
     )
 
 
-def _size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
-
-
 def _named(message: str, source: SlideSource) -> str:
     """`message` led by the file it is about (ReaderErrors name theirs already)."""
     named = [str(p) for p in (source.image, source.labels) if p is not None]
@@ -87,15 +85,16 @@ def _named(message: str, source: SlideSource) -> str:
 
 def ingest_slide(
     source: SlideSource,
-    out_dir: str | Path,
+    out_dir: str | Where,
     config: IngestConfig | None = None,
     client: Client | None = None,
 ) -> IngestResult:
-    """Ingest one slide into `<out_dir>/<name>.zarr` ("skipped" when current); region work runs
-    on `client`, or on local threads without one. Bad input raises `IngestError`."""
+    """Ingest one slide into `<out_dir>/<name>.zarr` ("skipped" when current); `out_dir` is a
+    local folder or an object-storage prefix. Region work runs on `client`, or on local threads
+    without one. Bad input raises `IngestError`."""
     config = config or IngestConfig()
     started = time.perf_counter()
-    out_dir = local_path(out_dir)
+    out_dir = parse_location(out_dir, config.object_storage)
     final = out_dir / f"{source.name}.zarr"
     writable_folder(out_dir)
     remove_stale_siblings(final)
@@ -109,39 +108,39 @@ def ingest_slide(
         source=source, store=final, status="skipped", checksum=checksum, identity=identity.key
     )
     if not config.overwrite and SLIDE_STORE.is_current(final, identity):
-        result.shape = tuple(zarr.open_group(final, mode="r").attrs["segflow"]["shape"])
+        result.shape = tuple(open_group(final, mode="r").attrs["segflow"]["shape"])
         result.seconds = time.perf_counter() - started
         return result
     refuse_links(final)
     tmp = temporary_sibling(final)
     try:
-        # OpenSlide's formats on object storage are read from a local copy (`staged` beside
-        # the stores), anything else where it is.
-        with readable(source.image, out_dir.parent / "staged") as image:
+        # OpenSlide's formats on object storage are read from a local copy, anything else
+        # where it is.
+        with readable(source.image, stage_dir_for(out_dir)) as image:
             metadata = write_store(tmp, source, files, checksum, config, client, image)
-        record_identity(zarr.open_group(tmp, mode="r+"), identity, metadata)
-        result.mb_written = _size_mb(tmp)
+        record_identity(open_group(tmp, mode="r+"), identity, metadata)
+        result.mb_written = tree_bytes(tmp) / 1e6
         install(tmp, final)
     except IngestError:
         raise
     except ValueError as exc:  # ReaderError and friends
         raise IngestError(_named(str(exc), source)) from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     result.status = "written"
     result.shape = tuple(metadata["shape"])
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _failed(source: SlideSource, out_dir: Path, error: str, seconds: float) -> IngestResult:
+def _failed(source: SlideSource, out_dir: Where, error: str, seconds: float) -> IngestResult:
     store = out_dir / f"{source.name}.zarr"
     return IngestResult(source=source, store=store, status="failed", error=error, seconds=seconds)
 
 
 def ingest_archive(
     sources: Iterable[SlideSource],
-    out_dir: str | Path,
+    out_dir: str | Where,
     config: IngestConfig | None = None,
     client: Client | None = None,
     progress: bool = False,
@@ -153,7 +152,7 @@ def ingest_archive(
     config = config or IngestConfig()
     if runtime is not None:
         config = runtime.configure(config)
-    out_dir = local_path(out_dir)
+    out_dir = parse_location(out_dir, config.object_storage)
     expanded: list[SlideSource | IngestResult] = []
     for source in sources:
         try:

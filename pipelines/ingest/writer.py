@@ -1,11 +1,11 @@
 """Writing one slide store: a slide (and its label image) copied into OME-Zarr, region by region.
 
-`write_store` fills a fresh folder in the layout of `segcore.store`: level 0 region by region
-(tasks that open the reader themselves, so nothing unpicklable travels and memory per task is
-one region), each pyramid level from the level above, the annotations (a binary mask's
-connected components become instances) with their own pyramid, the tissue mask from a coarse
-level, and the descriptive metadata last. Whether to write, where, and the install belong to
-the stage (`pipelines.ingest.stage`).
+`write_store` fills a fresh folder or object-storage prefix in the layout of `segcore.store`:
+level 0 region by region (tasks that open the reader themselves, so nothing unpicklable
+travels and memory per task is one region), each pyramid level from the level above, the
+annotations (a binary mask's connected components become instances) with their own pyramid,
+the tissue mask from a coarse level, and the descriptive metadata last. Whether to write,
+where, and the install belong to the stage (`pipelines.ingest.stage`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipelines.location import Where, file_size, open_binary
 from pipelines.sources import IngestError, SlideSource, source_files
 from segcore import ngff
 from segcore.readers import ReaderError, SlideReader, open_labels, open_slide
-from segcore.store import ANNOTATIONS, STORE_FORMAT, TISSUE, chunk_manifest
+from segcore.store import ANNOTATIONS, STORE_FORMAT, TISSUE, chunk_manifest, zarr_location
 from segcore.tissue import EmptySlideError, tissue_downsample, tissue_mask
 
 _IMAGE_DTYPES = ("uint8", "uint16")
@@ -219,7 +219,7 @@ def _write_tissue(
 
 
 def write_store(
-    folder: Path,
+    folder: Where,
     source: SlideSource,
     files: dict[str, str],
     checksum: str,
@@ -233,7 +233,7 @@ def write_store(
     IngestError (or a ReaderError naming the file)."""
     image = source.image if image is None else image
     shape, dtype, mpp, image_region, label_region = _probe(source, image, config)
-    root = zarr.open_group(folder, mode="w", zarr_format=3)
+    root = zarr.open_group(zarr_location(folder, read_only=False), mode="w", zarr_format=3)
     levels = ngff.create_image(
         root,
         shape,
