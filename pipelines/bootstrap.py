@@ -17,7 +17,8 @@ For an archive of unlabelled stores (ingested without label images):
               labels/annotations   the nucleus clusters' connected components as instance ids,
                                    uint32, full pyramid: what `segflow weights` and `segflow
                                    train` take, as they take an ingested label image
-            both built in a hidden work group inside `labels/` and renamed into place.
+            both built in a hidden work group inside `labels/` and installed
+            (`pipelines.storage.install`), in a local store or one on object storage alike.
 
 The identity recorded on `labels/bootstrap` (`BOOTSTRAP_OUTPUT`) holds the ingest identity of
 every store trained on and the settings: a rerun on the same archive is "skipped" without
@@ -31,7 +32,6 @@ rows 1024..2047 reads rows 1022..2049, and writes its clusters and nucleus mask 
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +47,7 @@ from pipelines.cluster import ClusterConfig, dask_client, default_in_flight, map
 from pipelines.components import label_foreground
 from pipelines.config import output_settings
 from pipelines.ingest import SLIDE_STORE
+from pipelines.location import Where, parse_location
 from pipelines.runtime import Runtime
 from pipelines.stage import (
     Identity,
@@ -56,7 +57,13 @@ from pipelines.stage import (
     record_identity,
     run_archive,
 )
-from pipelines.storage import install, reconsolidate, remove_stale_siblings, temporary_sibling
+from pipelines.storage import (
+    install,
+    reconsolidate,
+    remove_stale_siblings,
+    remove_tree,
+    temporary_sibling,
+)
 from segcore import ngff
 from segcore.bootstrap import (
     ClusteringConfig,
@@ -73,7 +80,14 @@ from segcore.cluster_classes import (
     propose_nucleus,
     stain_feature,
 )
-from segcore.store import ANNOTATIONS, LABELS_GROUP, SlideStore, read_checked
+from segcore.store import (
+    ANNOTATIONS,
+    LABELS_GROUP,
+    SlideStore,
+    open_group,
+    read_checked,
+    zarr_location,
+)
 
 #: Bumped when the labels written for the same slides and settings change.
 BOOTSTRAP_FORMAT = 1
@@ -152,7 +166,7 @@ class BootstrapResult(StageResult):
 # --- the archive: open, identify, sample, train, map ---------------------------------------
 
 
-def _open_unlabelled(path: Path) -> SlideStore:
+def _open_unlabelled(path: Where) -> SlideStore:
     slide = SlideStore.open(path)
     if slide.metadata.get("labels") is not None:
         raise BootstrapError(
@@ -165,7 +179,7 @@ def _open_unlabelled(path: Path) -> SlideStore:
     return slide
 
 
-def is_unlabelled(store: Path) -> bool:
+def is_unlabelled(store: Where) -> bool:
     """Whether a store was ingested without a label image (the stores the bootstrap labels;
     its own annotations do not make a store labelled)."""
     return SlideStore.open(store).metadata.get("labels") is None
@@ -199,7 +213,9 @@ def sample_tiles(
 ) -> np.ndarray:
     """(n_tiles, C, t, t) level-0 tiles centred on tissue (t: `tile_size`, or the smallest
     slide side when smaller), each slide drawn in proportion to its tissue area."""
-    slides = sorted(slides, key=lambda s: str(s.path.resolve()))
+    slides = sorted(
+        slides, key=lambda s: str(s.path.resolve() if isinstance(s.path, Path) else s.path)
+    )
     side = min(tile_size, *(min(s.shape[1:]) for s in slides))
     cells = [_tissue_cells(s) for s in slides]
     area = np.array(
@@ -278,9 +294,9 @@ def _fill_pyramid(levels: list[zarr.Array], chunk: int, client: Client | None) -
             pass
 
 
-def _list_labels(store: Path, names: Sequence[str]) -> None:
+def _list_labels(store: Where, names: Sequence[str]) -> None:
     """Name `names` in the store's `labels` group listing (once each)."""
-    labels = zarr.open_group(store / LABELS_GROUP, mode="r+")
+    labels = open_group(store / LABELS_GROUP, mode="r+")
     listed = get_metadata(labels).get("labels", [])
     wanted = listed + [n for n in names if n not in listed]
     if wanted != listed:
@@ -306,7 +322,7 @@ def write_bootstrap_labels(
     remove_stale_siblings(final)
     work = temporary_sibling(final)
     try:
-        root = zarr.open_group(work, mode="w", zarr_format=3)
+        root = zarr.open_group(zarr_location(work, read_only=False), mode="w", zarr_format=3)
         properties = [{"label-value": c, "class": "nucleus"} for c in nucleus]
         clusters = ngff.create_label(
             root, BOOTSTRAP, shape, np.uint8, slide.n_levels, chunk, mpp=mpp,
@@ -337,9 +353,7 @@ def write_bootstrap_labels(
             "foreground_fraction": fraction,
             "slide_cluster_fractions": (counts / max(counts.sum(), 1)).tolist(),
         }
-        record_identity(
-            zarr.open_group(work / LABELS_GROUP / BOOTSTRAP, mode="r+"), identity, metadata
-        )
+        record_identity(open_group(work / LABELS_GROUP / BOOTSTRAP, mode="r+"), identity, metadata)
         # The annotations first, the label holding the identity last: a store whose identity
         # says "current" holds both.
         for name in (ANNOTATIONS, BOOTSTRAP):
@@ -348,7 +362,7 @@ def write_bootstrap_labels(
             install(work / LABELS_GROUP / name, target)
         _list_labels(slide.path, (ANNOTATIONS, BOOTSTRAP))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
     reconsolidate(slide.path)
     return n_instances, fraction
 
@@ -356,8 +370,8 @@ def write_bootstrap_labels(
 # --- the stage --------------------------------------------------------------------------------
 
 
-def _skipped(store: Path, identity: Identity, seconds: float) -> BootstrapResult:
-    stored = zarr.open_group(BOOTSTRAP_OUTPUT.node(store), mode="r").attrs["segflow"]
+def _skipped(store: Where, identity: Identity, seconds: float) -> BootstrapResult:
+    stored = open_group(BOOTSTRAP_OUTPUT.node(store), mode="r").attrs["segflow"]
     return BootstrapResult(
         store=store,
         status="skipped",
@@ -391,11 +405,11 @@ def train_bootstrap(
 
 
 def _bootstrap(
-    stores: list[Path], config: BootstrapConfig, client: Client | None, progress: bool
+    stores: list[Where], config: BootstrapConfig, client: Client | None, progress: bool
 ) -> list[BootstrapResult]:
     start = time.perf_counter()
-    results: dict[Path, BootstrapResult] = {}
-    slides: dict[Path, SlideStore] = {}
+    results: dict[Where, BootstrapResult] = {}
+    slides: dict[Where, SlideStore] = {}
     for store in stores:
         try:
             slides[store] = _open_unlabelled(store)
@@ -428,7 +442,7 @@ def _bootstrap(
             "mlflow_run_id": mlflow_run,
         }
 
-        def one(store: Path, bars: object) -> BootstrapResult:
+        def one(store: Where, bars: object) -> BootstrapResult:
             began = time.perf_counter()
             n_instances, fraction = write_bootstrap_labels(
                 slides[store], run.network, nucleus, config, (identity, metadata), client
@@ -459,7 +473,7 @@ def _bootstrap(
 
 
 def bootstrap_archive(
-    stores: Sequence[Path],
+    stores: Sequence[str | Where],
     config: BootstrapConfig | None = None,
     progress: bool = False,
     runtime: Runtime | None = None,
@@ -477,7 +491,7 @@ def bootstrap_archive(
         config = runtime.configure(config)
     if not stores:
         raise BootstrapError("no stores given: name at least one unlabelled slide store")
-    paths = [Path(s) for s in stores]
+    paths = [parse_location(s) for s in stores]
     if client is not None:
         return _bootstrap(paths, config, client, progress)
     with dask_client(config.cluster) as own_client:

@@ -15,6 +15,10 @@ block a whole number of stored chunks (so no two tasks write one chunk), both th
           larger of `border_halo(w0, sigma, tolerance)` and, for boundaries, `boundary_width`),
           separated, classified, weighted, cropped to the block.
 
+The store may be a local folder or an object-storage prefix (`pipelines.location`): the maps
+are written into a hidden sibling of `training` inside the store and installed through
+`pipelines.storage`, the same chunks either way.
+
 Worked example, a 5000 x 3000 px slide stored in 1024 px chunks, block_size 2048, defaults
 (w0 10, sigma 5, tolerance 1e-3 -> halo 22): blocks of 2048 x 2048 px in a 3 x 2 grid, the
 top-left one reads rows and columns 0..2071 and writes 0..2047.
@@ -24,10 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -37,12 +39,27 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_valid
 from pipelines.cluster import ClusterConfig, dask_client, default_in_flight, map_bounded
 from pipelines.config import output_settings
 from pipelines.ingest import SLIDE_STORE
+from pipelines.location import Where, parse_location
 from pipelines.runtime import Runtime
 from pipelines.stage import Identity, StageOutput, StageResult, record_identity, run_archive
-from pipelines.storage import install, reconsolidate, remove_stale_siblings, temporary_sibling
+from pipelines.storage import (
+    install,
+    reconsolidate,
+    remove_stale_siblings,
+    remove_tree,
+    temporary_sibling,
+)
 from segcore import ngff
 from segcore.ngff import grown_region
-from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore, read_checked
+from segcore.store import (
+    TARGET,
+    TRAINING_GROUP,
+    WEIGHT,
+    SlideStore,
+    open_group,
+    read_checked,
+    zarr_location,
+)
 from segcore.weights import (
     TARGET_CLASSES,
     TargetKind,
@@ -125,7 +142,7 @@ class WeightsResult(StageResult):
     class_counts: tuple[int, ...] | None = None
 
 
-def _open_annotations(path: Path) -> tuple[SlideStore, zarr.Array]:
+def _open_annotations(path: Where) -> tuple[SlideStore, zarr.Array]:
     slide = SlideStore.open(path)
     annotations = slide.annotations
     if annotations is None:
@@ -241,7 +258,7 @@ def _install_maps(
     chunks = tuple(image.chunks[1:])
     shards = tuple(image.shards[1:]) if image.shards else None
     try:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        group = zarr.open_group(zarr_location(tmp, read_only=False), mode="w", zarr_format=3)
         target, weight = (
             ngff.create_array(
                 group, name, annotations.shape, dtype, chunks, shards=shards, dimension_names="yx"
@@ -257,7 +274,7 @@ def _install_maps(
         record_identity(group, *record)
         install(tmp, final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     reconsolidate(slide.path)
 
 
@@ -292,7 +309,7 @@ def _compute(
         classes=config.classes,
     )
     if WEIGHT_MAPS.is_current(slide.path, identity):
-        stored = zarr.open_group(WEIGHT_MAPS.node(slide.path), mode="r").attrs["segflow"]
+        stored = open_group(WEIGHT_MAPS.node(slide.path), mode="r").attrs["segflow"]
         result.class_weights = tuple(stored["class_weights"])
         result.class_counts = tuple(stored["class_counts"])
         result.seconds = time.perf_counter() - start
@@ -322,15 +339,15 @@ def _compute(
     return result
 
 
-def recorded_classes(store: Path) -> tuple[str, ...]:
+def recorded_classes(store: str | Where) -> tuple[str, ...]:
     """The class names of a store's training target, by class value, as the weights stage
     recorded them (background / cell for maps written before it recorded any)."""
-    group = zarr.open_group(Path(store) / TRAINING_GROUP, mode="r")
+    group = open_group(parse_location(store) / TRAINING_GROUP, mode="r")
     return tuple(group.attrs.get("segflow", {}).get("classes", DEFAULT_CLASSES))
 
 
 def compute_weight_maps(
-    store: Path, config: WeightsConfig | None = None, client: Client | None = None
+    store: str | Where, config: WeightsConfig | None = None, client: Client | None = None
 ) -> WeightsResult:
     """Write `training/target` and `training/weight` of one slide store; "skipped" when the
     installed maps were made from the same annotations and settings.
@@ -339,7 +356,7 @@ def compute_weight_maps(
     """
     start = time.perf_counter()
     config = config or WeightsConfig()
-    slide, annotations = _open_annotations(Path(store))
+    slide, annotations = _open_annotations(parse_location(store))
     if client is not None:
         return _compute(slide, annotations, config, client, start)
     with dask_client(config.cluster) as own_client:
@@ -347,7 +364,7 @@ def compute_weight_maps(
 
 
 def weights_archive(
-    stores: Sequence[Path],
+    stores: Sequence[str | Where],
     config: WeightsConfig | None = None,
     progress: bool = False,
     runtime: Runtime | None = None,
@@ -362,7 +379,7 @@ def weights_archive(
         raise WeightsError("no stores given: name at least one labelled slide store")
     with dask_client(config.cluster) as client:
         return run_archive(
-            [Path(s) for s in stores],
+            [parse_location(s) for s in stores],
             lambda store, bars: compute_weight_maps(store, config, client),
             lambda store, error, seconds: WeightsResult(
                 store=store, status="failed", error=error, seconds=seconds
