@@ -83,7 +83,8 @@ class ObjectStorageConfig(BaseModel):
     #: Region; default AWS_DEFAULT_REGION.
     region: str | None = None
     #: Where local copies of slides that only OpenSlide reads (it needs a file) are kept
-    #: (None: `staged` beside the stores folder).
+    #: (None: `staged` beside a local stores folder, in the temporary folder for stores on
+    #: object storage: `pipelines.staging.stage_dir_for`).
     stage_dir: Path | None = None
     #: MiB those copies may take; the least recently used go first to make room.
     stage_cache_mb: int = Field(default=8192, ge=1)

@@ -108,6 +108,8 @@ def _abandoned(name: str, final_name: str, remote: bool) -> bool:
 def remove_stale_siblings(final: Where) -> None:
     """Remove temporary and superseded copies of `final` whose writing process has died."""
     if isinstance(final, ObjectUrl):
+        if not exists(final.parent):  # an empty prefix: nothing written there yet
+            return
         entries = _remote(final.parent, "list it", lambda fs: fs.ls(final.parent.path))
         for entry in entries:
             name = PurePosixPath(entry.rstrip("/")).name
@@ -221,6 +223,17 @@ def read_text(path: Where) -> str:
     return path.read_text()
 
 
+def read_texts(paths: list[Where]) -> list[str]:
+    """The texts of the files `paths` (all local, or all on one object storage), in order.
+    Objects are fetched concurrently: 10 000 small objects take one batch of requests, not
+    10 000 round trips one after another."""
+    if not paths or isinstance(paths[0], Path):
+        return [read_text(path) for path in paths]
+    first = paths[0]
+    found = _remote(first.parent, "read it", lambda fs: fs.cat([p.path for p in paths]))
+    return [found[p.path].decode() for p in paths]
+
+
 def create_exclusive(path: Where, text: str) -> bool:
     """Create `path` holding `text` unless it exists (then False, leaving it as it was): an
     O_EXCL create locally, a conditional PUT (If-None-Match: *) on object storage."""
@@ -254,6 +267,26 @@ def tree_bytes(where: Where) -> int:
     if isinstance(where, ObjectUrl):
         return int(_remote(where, "list it", lambda fs: fs.du(where.path)))
     return sum(p.stat().st_size for p in where.rglob("*") if p.is_file())
+
+
+def put_file(source: Path, target: Where) -> None:
+    """Copy the local file `source` to `target`: readers never see half (segcore.atomic
+    locally; one upload, which S3 applies whole, on object storage)."""
+    if isinstance(target, ObjectUrl):
+        _remote(target, "write it", lambda fs: fs.put_file(str(source), target.path))
+        return
+    with replacing(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def files_by_age(folder: Where, pattern: str) -> list[Where]:
+    """The files under `folder` that the glob `pattern` matches (e.g. `*/last.ckpt`), least
+    recently modified first; none when `folder` is absent."""
+    if isinstance(folder, Path):
+        return sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    found = _remote(folder, "list it", lambda fs: fs.glob(f"{folder.path}/{pattern}", detail=True))
+    ordered = sorted(found.values(), key=lambda info: info["LastModified"])
+    return [ObjectUrl(folder.protocol, info["name"], folder.storage) for info in ordered]
 
 
 def reconsolidate(store: Where) -> None:
