@@ -4,6 +4,11 @@
 pipelines.train --config train.yaml key=value ...` runs it from a shell and is also what
 Lightning's "ddp" strategy re-executes once per extra device. The pieces live in
 `pipelines.training`: config, data, normalization, module, tracking, registry.
+
+Stores and the workdir may be on object storage (`s3://...`): stores are read through
+`segcore.store.open_group`, checkpoints go to `<workdir>/checkpoints/<run id>/` there
+(training.process_state says how Lightning reaches them), and the run is tracked in the
+MLflow store `tracking_uri` names (a workdir URL has no embedded one).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytorch_lightning as pl
@@ -27,16 +32,18 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from pipelines.config import ConfigError, load_config
+from pipelines.location import ObjectStorageConfig, ObjectUrl, Where, open_binary
 from pipelines.redaction import redact_text
-from pipelines.runtime import Runtime
+from pipelines.runtime import Runtime, RuntimeEnvironment
 from pipelines.services import require_mlflow
+from pipelines.storage import put_file, writable_folder
 from pipelines.training.config import TrainConfig
 from pipelines.training.data import SlideTileDataModule, TileShape, tile_shape
 from pipelines.training.launch import ranks
 from pipelines.training.module import UNetModule, ValidateAtEnd
 from pipelines.training.normalization import estimate_normalization
 from pipelines.training.process_runs import PROCESS_TAG, end_process_runs, process_identity
-from pipelines.training.process_state import process_state_kept
+from pipelines.training.process_state import checkpoints_reach, process_state_kept
 from pipelines.training.progress import ProgressLog
 from pipelines.training.registry import log_and_register, model_metadata
 from pipelines.training.result import TrainResult
@@ -74,8 +81,9 @@ def _precision(config: TrainConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def _checkpoint_payload(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _checkpoint_payload(path: Where) -> dict:
+    with open_binary(path) as fh:
+        return torch.load(fh, map_location="cpu", weights_only=True)
 
 
 def _normalization(
@@ -108,9 +116,9 @@ def _target_classes(config: TrainConfig) -> tuple[str, ...]:
     """The class names of the training and validation stores' targets, as the weights stage
     recorded them; every store must have the same."""
     paths = [*config.stores, *config.val_stores, *(r.store for r in config.val_regions)]
-    found: dict[tuple[str, ...], Path] = {}
+    found: dict[tuple[str, ...], Where] = {}
     for path in paths:
-        found.setdefault(recorded_classes(Path(path)), Path(path))
+        found.setdefault(recorded_classes(path), path)
     if len(found) > 1:
         seen = "; ".join(f"{list(classes)} in {path}" for classes, path in found.items())
         raise TrainError(
@@ -157,7 +165,7 @@ def _build_module(
     )
 
 
-def _load_best_weights(module: UNetModule, checkpoint: Path) -> None:
+def _load_best_weights(module: UNetModule, checkpoint: Where) -> None:
     module.model.load_state_dict(unet_state_dict(_checkpoint_payload(checkpoint)["state_dict"]))
 
 
@@ -167,12 +175,14 @@ def _finish_run(
     tile: TileShape,
     tracker: RunTracker,
     best: ModelCheckpoint | None,
-    last_path: Path,
+    last_path: Where,
     classes: tuple[str, ...],
 ) -> dict:
     """Rank 0 after fit: export the best model, log and register it, draw the curves."""
     if best is not None and best.best_model_path:
-        checkpoint, val_iou = Path(best.best_model_path), float(best.best_model_score)
+        # Lightning names it as text (a URL on object storage); it is in the run's folder.
+        name = PurePosixPath(best.best_model_path).name
+        checkpoint, val_iou = tracker.run_dir / name, float(best.best_model_score)
     else:
         checkpoint, val_iou = last_path, float("nan")
     _load_best_weights(module, checkpoint)
@@ -181,16 +191,20 @@ def _finish_run(
         exported, module.normalization, tile, classes, tracker.extra_params["stain"]
     )
     weights = tracker.run_dir / WEIGHTS_FILE
-    save_unet(exported, weights, extra={"metadata": metadata})
-    registration = log_and_register(
-        config.resolved_tracking_uri,
-        tracker.run_id,
-        exported,
-        metadata,
-        config.registered_model_name,
-        val_iou,
-        weights,
-    )
+    with tempfile.TemporaryDirectory(prefix="segflow-weights-") as scratch:
+        # MLflow logs a local file; the run's folder gets the same file, wherever it is.
+        local = Path(scratch) / WEIGHTS_FILE
+        save_unet(exported, local, extra={"metadata": metadata})
+        registration = log_and_register(
+            config.resolved_tracking_uri,
+            tracker.run_id,
+            exported,
+            metadata,
+            config.registered_model_name,
+            val_iou,
+            local,
+        )
+        put_file(local, weights)
     client = MlflowClient(config.resolved_tracking_uri)
     client.log_figure(tracker.run_id, learning_curve(client, tracker.run_id), "learning_curve.png")
     run = client.get_run(tracker.run_id)
@@ -206,9 +220,15 @@ def _finish_run(
         "became_champion": registration.became_champion,
         "aliases": list(registration.aliases),
         "metrics": metrics,
-        "checkpoint": checkpoint,
-        "weights": weights,
+        "checkpoint": _without_credentials(checkpoint),
+        "weights": _without_credentials(weights),
     }
+
+
+def _without_credentials(where: Where) -> Where:
+    """`where` as a result may keep it: a URL without the key and secret (Prefect pickles
+    results into its storage)."""
+    return where.without_credentials() if isinstance(where, ObjectUrl) else where
 
 
 def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
@@ -217,7 +237,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     they were when it returns (training.process_state)."""
     if runtime is not None:
         config = runtime.configure(config)
-    with process_state_kept():
+    with process_state_kept(), checkpoints_reach(config.workdir):
         return _train(config)
 
 
@@ -226,7 +246,7 @@ def _train(config: TrainConfig) -> TrainResult:
     # Every rank expands the same folders alike (DDP re-runs this with the same config).
     config = config.model_copy(update={"stores": training_stores(config)})
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    writable_folder(config.workdir)
     resume: ResumePoint | None = None
     resume_payload = None
     if config.resume:
@@ -298,7 +318,7 @@ def _train(config: TrainConfig) -> TrainResult:
             *checkpoints,
             *([] if live_bar else [ProgressLog(sys.stderr)]),
         ],
-        default_root_dir=config.workdir,
+        default_root_dir=str(config.workdir),
         # TileSampler shards by rank itself; Lightning must not wrap it.
         use_distributed_sampler=False,
         enable_progress_bar=live_bar,
@@ -307,12 +327,12 @@ def _train(config: TrainConfig) -> TrainResult:
     trainer.fit(
         module,
         datamodule=datamodule,
-        ckpt_path=resume.checkpoint if resume else None,
+        ckpt_path=str(resume.checkpoint) if resume else None,
         weights_only=True,
     )
     last_path = tracker.run_dir / LAST_CHECKPOINT
     # The periodic checkpoint may lag the final step; every rank takes part in saving.
-    trainer.save_checkpoint(last_path, weights_only=False)
+    trainer.save_checkpoint(str(last_path), weights_only=False)
 
     result = {
         "rank": trainer.global_rank,
@@ -328,21 +348,42 @@ def _one_line(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
-def run_training(config: TrainConfig) -> TrainResult:
-    """`train(config)`, in this process when it is the only rank, else in a child
-    `python -m pipelines.train` that Lightning may re-run once per rank (launch.py says why).
+def _storage_variables(storage: ObjectStorageConfig | None) -> dict[str, str]:
+    """The environment variables a child's entry point reads `storage` back from
+    (`RuntimeEnvironment`): AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..."""
+    if storage is None:
+        return {}
+    values = {
+        "aws_endpoint_url": storage.endpoint_url,
+        "aws_access_key_id": storage.key,
+        "aws_secret_access_key": storage.secret,
+        "aws_default_region": storage.region,
+    }
+    fields = RuntimeEnvironment.model_fields
+    return {fields[name].validation_alias: value for name, value in values.items() if value}
 
-    The child reads the configuration from a file in a private folder under the workdir and
-    the tracking URI from its own environment (a written file never holds credentials); its
-    progress and errors go to this process's stderr, its result comes back on stdout.
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """`train(config)`, in this process when it is the only rank and the workdir is local,
+    else in a child `python -m pipelines.train`: Lightning may re-run it once per rank
+    (launch.py says why), and a workdir on object storage needs a process-wide fsspec setting
+    (training.process_state) that no other work should share.
+
+    The child reads the configuration from a file in a private folder (under a local workdir,
+    else in the system's temporary folder) and the tracking URI and object-storage settings
+    from its own environment (a written file never holds credentials); its progress and
+    errors go to this process's stderr, its result comes back on stdout.
     """
-    if ranks(config) == 1:
+    local = isinstance(config.workdir, Path)
+    if ranks(config) == 1 and local:
         return train(config)
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    writable_folder(config.workdir)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= _storage_variables(config.object_storage)
     if config.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = config.tracking_uri
-    with tempfile.TemporaryDirectory(dir=config.workdir, prefix=".train-") as folder:
+    private = config.workdir if local else None
+    with tempfile.TemporaryDirectory(dir=private, prefix=".train-") as folder:
         path = Path(folder) / "train.yaml"
         # Without tracking_uri: the child's entry point (main) takes it from MLFLOW_TRACKING_URI.
         settings = config.model_dump(mode="json", exclude={"tracking_uri"})
@@ -353,7 +394,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise TrainError(
-            f"training in {ranks(config)} processes failed (exit {done.returncode}; "
+            f"training in {ranks(config)} process(es) failed (exit {done.returncode}; "
             "its error is printed above)"
         )
     return TrainResult.model_validate_json(done.stdout.strip().splitlines()[-1])
@@ -367,9 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(TrainConfig, args.config, args.overrides)
-        # An entry point: the environment's tracking URI (pipelines.runtime) unless one is set.
-        runtime = Runtime.from_environment(workdir=config.workdir, tracking_uri=config.tracking_uri)
-        config = config.model_copy(update={"tracking_uri": runtime.tracking_uri})
+        # An entry point: the environment's tracking URI and object-storage settings
+        # (pipelines.runtime) unless the configuration has its own.
+        environment = RuntimeEnvironment()
+        tracking_uri = config.tracking_uri or environment.tracking_uri
+        config = config.model_copy(update={"tracking_uri": tracking_uri})
+        config = config.with_storage(environment.object_storage())
     except ValidationError as exc:
         print(f"train: invalid configuration {args.config}: {_one_line(exc)}", file=sys.stderr)
         return 2

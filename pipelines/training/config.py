@@ -1,12 +1,23 @@
-"""The one typed training configuration: YAML file plus dotted overrides (pipelines.config)."""
+"""The one typed training configuration: YAML file plus dotted overrides (pipelines.config).
+
+Stores, validation stores and the workdir are local paths or object-storage URLs
+(`pipelines.location.Location`); a URL read from text reaches storage with the client's
+defaults until `with_storage` gives it the run's settings:
+
+    config = TrainConfig(stores=["s3://lab/work/stores"], workdir="s3://lab/work",
+                         tracking_uri="http://mlflow:5000")
+    config = config.with_storage(ObjectStorageConfig(endpoint_url="http://127.0.0.1:9000"))
+    config.checkpoint_root                   # ObjectUrl('s3://lab/work/checkpoints')
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipelines.location import Location, ObjectStorageConfig, ObjectUrl, Where
 from pipelines.redaction import RedactedUri
 from pipelines.runtime import DEFAULT_WORKDIR, artifact_root, default_tracking_uri
 from segcore.augment import AugmentConfig
@@ -58,7 +69,7 @@ class ValRegion(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    store: Path
+    store: Location
     y: int = Field(default=0, ge=0)
     x: int = Field(default=0, ge=0)
     height: int | None = Field(default=None, ge=1)
@@ -72,9 +83,9 @@ class TrainConfig(BaseModel):
 
     #: Stores, or folders of stores, to train on; [] = <workdir>/stores. Of a folder, the stores
     #: with weight maps (`segflow weights`) that are not validation stores.
-    stores: list[Path] = Field(default_factory=list)
+    stores: list[Location] = Field(default_factory=list)
     #: Whole stores held out to validate on and pick the champion by.
-    val_stores: list[Path] = Field(default_factory=list)
+    val_stores: list[Location] = Field(default_factory=list)
     #: Held-out regions of stores, validated on like `val_stores`.
     val_regions: list[ValRegion] = Field(default_factory=list)
     #: Share of sampling weight that tissue-free areas keep (tissue counts 1 per pixel).
@@ -121,9 +132,10 @@ class TrainConfig(BaseModel):
     #: Decoded chunks each loader process keeps for the next tiles (MiB); 0 = none.
     loader_cache_mb: int = Field(default=512, ge=0)
     seed: int = 0
-    #: Where checkpoints and the embedded MLflow store live.
-    workdir: Path = DEFAULT_WORKDIR
-    #: MLflow tracking URI; None = the workdir's embedded store (pipelines.runtime), with
+    #: Where checkpoints and the embedded MLflow store live: a local folder or an
+    #: object-storage prefix (which has no embedded MLflow store: give `tracking_uri`).
+    workdir: Location = DEFAULT_WORKDIR
+    #: MLflow tracking URI; None = a local workdir's embedded store (pipelines.runtime), with
     #: artifacts in <workdir>/mlartifacts. No environment variable is read here: the entry
     #: point (Runtime.from_environment) passes MLFLOW_TRACKING_URI in.
     tracking_uri: RedactedUri = None
@@ -144,8 +156,20 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_tracking_uri(self) -> str:
-        """The store the run logs and registers to."""
-        return self.tracking_uri or default_tracking_uri(self.workdir)
+        """The store the run logs and registers to.
+
+        Raises ValueError for a workdir on object storage without a tracking URI: the
+        embedded store is a local SQLite file.
+        """
+        if self.tracking_uri:
+            return self.tracking_uri
+        if isinstance(self.workdir, ObjectUrl):
+            raise ValueError(
+                f"{self.workdir}: a workdir on object storage needs a tracking URI "
+                "(tracking_uri, --tracking-uri or MLFLOW_TRACKING_URI); the embedded MLflow "
+                "store is a local SQLite file"
+            )
+        return default_tracking_uri(self.workdir)
 
     @property
     def artifact_location(self) -> str | None:
@@ -153,6 +177,38 @@ class TrainConfig(BaseModel):
         return artifact_root(self.resolved_tracking_uri)
 
     @property
-    def checkpoint_root(self) -> Path:
+    def checkpoint_root(self) -> Where:
         """Per-run checkpoint folders live in <workdir>/checkpoints/<run id>/."""
         return self.workdir / "checkpoints"
+
+    @property
+    def object_storage(self) -> ObjectStorageConfig | None:
+        """How this run reaches object storage: the settings of its workdir URL, else of its
+        first store URL; None when every location is local."""
+        found = [self.workdir, *self.stores, *self.val_stores, *(r.store for r in self.val_regions)]
+        urls = [where for where in found if isinstance(where, ObjectUrl)]
+        return urls[0].storage if urls else None
+
+    def with_storage(self, storage: ObjectStorageConfig) -> TrainConfig:
+        """This configuration with every URL among its locations reaching object storage with
+        `storage`, for the settings the URL does not have itself (`ObjectStorageConfig.merged`).
+
+        Example: a config read from YAML names `s3://lab/work`; the entry point gives it the
+        run's endpoint and credentials with `config.with_storage(runtime.object_storage)`.
+        """
+
+        def reached(where: Where) -> Where:
+            if isinstance(where, ObjectUrl):
+                return replace(where, storage=where.storage.merged(storage))
+            return where
+
+        return self.model_copy(
+            update={
+                "workdir": reached(self.workdir),
+                "stores": [reached(p) for p in self.stores],
+                "val_stores": [reached(p) for p in self.val_stores],
+                "val_regions": [
+                    r.model_copy(update={"store": reached(r.store)}) for r in self.val_regions
+                ],
+            }
+        )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,11 +27,12 @@ import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.inference.plan import SlidePlan, plan_slide
+from pipelines.location import Where
 from pipelines.training.chunk_cache import ChunkCache
 from pipelines.training.config import TrainConfig
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
-from segcore.store import SlideStore, read_checked
+from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore, open_group, read_checked
 from segcore.tiling import reflect_indices
 
 #: The pixel type training reads; exported models take these raw values (0..255) as float,
@@ -73,7 +73,7 @@ def tile_shape(geometry: UNetGeometry, tile_size: int | None, output_size: int) 
 class StoreInfo:
     """What the sampler needs of one training store, read once in the main process."""
 
-    path: Path
+    path: Where
     height: int
     width: int
     channels: int
@@ -81,7 +81,7 @@ class StoreInfo:
     tissue_downsample: int
 
 
-def open_training_store(path: Path, with_weight: bool) -> StoreInfo:
+def open_training_store(path: Where, with_weight: bool) -> StoreInfo:
     """Check that `path` holds an image, a target (and a weight map) of matching shape, every
     chunk of each on disk."""
     store = SlideStore.open(path)
@@ -107,7 +107,7 @@ def open_training_store(path: Path, with_weight: bool) -> StoreInfo:
     if tissue is not None:
         store.verified(tissue)
     return StoreInfo(
-        path=Path(path),
+        path=path,
         height=height,
         width=width,
         channels=image.shape[0],
@@ -236,24 +236,27 @@ def _gather(block: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _OpenStore:
-    """The arrays a training tile reads, opened once per process (opening costs milliseconds,
-    as much as reading a cached tile)."""
+    """The arrays a training tile reads, opened once per process from one opening of the
+    store's group (opening costs milliseconds locally, as much as reading a cached tile, and a
+    request per metadata document on object storage). `open_training_store` has checked them
+    in the main process."""
 
     image: zarr.Array
     target: zarr.Array
     weight: zarr.Array | None
 
     @classmethod
-    def open(cls, path: Path) -> _OpenStore:
-        store = SlideStore(path)
-        return cls(store.image(0), store.target, store.weight)
+    def open(cls, path: Where) -> _OpenStore:
+        group = open_group(path, mode="r")
+        training = group[TRAINING_GROUP]
+        return cls(group["0"], training[TARGET], training.get(WEIGHT))
 
 
 class _LazyStores:
     """Zarr arrays and a chunk cache made on first use in each process (DataLoader workers
     fork or spawn, and neither open arrays nor cached chunks should travel with them)."""
 
-    def __init__(self, paths: list[Path], cache_bytes: int) -> None:
+    def __init__(self, paths: list[Where], cache_bytes: int) -> None:
         self.paths = paths
         self.cache_bytes = cache_bytes
         self._pid: int | None = None
@@ -279,7 +282,7 @@ class TileDataset(Dataset):
     """
 
     def __init__(
-        self, paths: list[Path], tile: TileShape, with_weight: bool, cache_bytes: int = 0
+        self, paths: list[Where], tile: TileShape, with_weight: bool, cache_bytes: int = 0
     ) -> None:
         self.stores = _LazyStores(paths, cache_bytes)
         self.tile = tile
@@ -307,7 +310,7 @@ class TileDataset(Dataset):
 class Region:
     """A validation window of one store, level-0 px."""
 
-    store: Path
+    store: Where
     y: int
     x: int
     height: int
@@ -330,7 +333,7 @@ def resolve_regions(config: TrainConfig) -> list[Region]:
             raise TrainingDataError(f"{path}: region origin ({y}, {x}) outside {height}x{width}")
         h = min(h or height - y, height - y)
         w = min(w or width - x, width - x)
-        regions.append(Region(Path(path), y, x, h, w))
+        regions.append(Region(path, y, x, h, w))
     return regions
 
 
@@ -448,7 +451,7 @@ class SlideTileDataModule(pl.LightningDataModule):
         self.geometry = geometry
         self.tile = tile
         self.with_weight = config.loss != "ce"
-        self.stores = [open_training_store(Path(p), self.with_weight) for p in config.stores]
+        self.stores = [open_training_store(p, self.with_weight) for p in config.stores]
         channels = {s.channels for s in self.stores}
         if len(channels) != 1:
             raise TrainingDataError(f"training stores disagree on channels: {sorted(channels)}")

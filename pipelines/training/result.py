@@ -3,9 +3,9 @@ can name it without importing Lightning."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel
+
+from pipelines.location import Location
 
 
 class TrainResult(BaseModel):
@@ -20,7 +20,9 @@ class TrainResult(BaseModel):
     became_champion: bool = False
     aliases: list[str] = []
     metrics: dict[str, float] = {}
-    checkpoint: Path | None = None
-    weights: Path | None = None
+    #: Where the checkpoint the model was exported from and its weights file are (a URL
+    #: without credentials for a workdir on object storage).
+    checkpoint: Location | None = None
+    weights: Location | None = None
     global_step: int = 0
     resumed_from_step: int | None = None

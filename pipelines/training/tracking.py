@@ -2,8 +2,8 @@
 
 Only global rank 0 talks to MLflow (Lightning's MLFlowLogger creates the run lazily on rank 0
 and hands the others a dummy); `RunTracker.setup` broadcasts the run id so that every rank
-writes checkpoints into the same `<workdir>/checkpoints/<run id>/` folder, where `run.json`
-records the run for `resume=True`.
+writes checkpoints into the same `<workdir>/checkpoints/<run id>/` folder (a prefix when the
+workdir is on object storage), where `run.json` records the run for `resume=True`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -28,9 +29,12 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from pipelines.config import dump_config
+from pipelines.location import Where
 from pipelines.redaction import redact_tree
+from pipelines.storage import exists, files_by_age, read_text, writable_folder, write_file
 from pipelines.training.config import TrainConfig
 from pipelines.training.module import OVERLAY_SIDE, OverlaySample, UNetModule
+from pipelines.training.stores import same_place
 from segcore.store import SlideStore
 
 RUN_RECORD = "run.json"
@@ -81,14 +85,14 @@ def system_info() -> dict[str, str]:
     return info
 
 
-def store_record(path: Path, context: str) -> dict:
-    """Path, shape and checksum (from the store's ingest metadata) of one store."""
+def store_record(path: Where, context: str) -> dict:
+    """Path (or URL), shape and checksum (from the store's ingest metadata) of one store."""
     store = SlideStore.open(path)
     metadata = store.metadata
     return {
         "context": context,
         "name": store.name,
-        "path": str(Path(path).resolve()),
+        "path": str(same_place(path)),
         "shape": list(store.shape),
         "checksum": str(metadata.get("checksum", "")),
         "source": str(metadata.get("source", "")),
@@ -106,7 +110,7 @@ def _dataset_input(record: dict) -> DatasetInput:
     entity = DatasetEntity(
         name=record["name"],
         digest=digest,
-        source_type="local",
+        source_type=urlsplit(record["path"]).scheme or "local",
         source=json.dumps({"uri": record["path"]}),
     )
     return DatasetInput(entity, tags=[InputTag("mlflow.data.context", record["context"])])
@@ -188,19 +192,16 @@ def learning_curve(client: MlflowClient, run_id: str) -> Figure:
 
 @dataclass(frozen=True)
 class ResumePoint:
-    checkpoint: Path
+    checkpoint: Where
     run_id: str
 
 
-def find_resume_point(checkpoint_root: Path) -> ResumePoint | None:
+def find_resume_point(checkpoint_root: Where) -> ResumePoint | None:
     """The newest `last.ckpt` under <workdir>/checkpoints/*/ with its run record."""
-    candidates = sorted(
-        checkpoint_root.glob(f"*/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime
-    )
-    for checkpoint in reversed(candidates):
+    for checkpoint in reversed(files_by_age(checkpoint_root, f"*/{LAST_CHECKPOINT}")):
         record = checkpoint.parent / RUN_RECORD
-        if record.exists():
-            return ResumePoint(checkpoint, json.loads(record.read_text())["run_id"])
+        if exists(record):
+            return ResumePoint(checkpoint, json.loads(read_text(record))["run_id"])
     return None
 
 
@@ -215,7 +216,7 @@ class RunTracker(Callback):
         self.resumed = resumed
         self.checkpoints: list[ModelCheckpoint] = checkpoints
         self.run_id: str | None = None
-        self.run_dir: Path | None = None
+        self.run_dir: Where | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         logger = trainer.logger
@@ -231,9 +232,9 @@ class RunTracker(Callback):
         if not trainer.is_global_zero:
             return
         logger = trainer.logger
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.run_dir)
         record = {"run_id": self.run_id, "experiment_id": logger.experiment_id}
-        (self.run_dir / RUN_RECORD).write_text(json.dumps(record))
+        write_file(self.run_dir / RUN_RECORD, json.dumps(record))
         log_run_start(logger.experiment, self.run_id, self.config, self.extra_params, self.resumed)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: UNetModule) -> None:
