@@ -309,13 +309,16 @@ def _jobs(
     slide: SlideStore,
     plan: SlidePlan,
     journal: Journal,
+    done: dict[str, dict],
     work: WorkGroup,
     session: _Session,
     config: InferConfig,
 ) -> Iterator[tuple[str, tuple[BlockJob]]]:
-    """One job per block not yet done, in raster order."""
-    done = journal.done()
-    tissue = slide.path / slide.tissue.path if slide.tissue is not None else None
+    """One job per block not yet `done`, in raster order."""
+    # Read from the store once (each read of a store's metadata is a request on S3).
+    mask = slide.tissue
+    tissue = slide.path / mask.path if mask is not None else None
+    tissue_downsample = slide.tissue_downsample if mask is not None else 1
     for block in plan.blocks:
         if block.name in done:
             continue
@@ -325,7 +328,7 @@ def _jobs(
             slide_shape=plan.shape,
             image=slide.path / "0",
             tissue=tissue,
-            tissue_downsample=slide.tissue_downsample if tissue is not None else 1,
+            tissue_downsample=tissue_downsample,
             segmentation=work.label_path("segmentation"),
             probabilities=work.probabilities_path if config.probabilities else None,
             probability_format=config.probabilities,
@@ -416,14 +419,16 @@ def _segment(
             config.probabilities,
             classes,
         )
-        resumed = len(journal.done())
+        # Read once (on object storage a marker is a request): this run's outcomes join them.
+        outcomes = journal.done()
+        resumed = len(outcomes)
         task = progress.slide(slide.name, len(plan.blocks), resumed)
-        jobs = _jobs(slide, plan, journal, work, session, config)
+        jobs = _jobs(slide, plan, journal, outcomes, work, session, config)
         ran: Counter[str] = Counter()  # this run's blocks only: resumed ones ran before
-        for _, outcome in _run_blocks(session, jobs, slide.path):
+        for name, outcome in _run_blocks(session, jobs, slide.path):
+            outcomes[name] = outcome
             ran[outcome["status"]] += 1
             progress.advance(task)
-        outcomes = journal.done()
         counts = np.sum([o["class_counts"] for o in outcomes.values()], axis=0)
         if not work.is_built:
             labelling = finish(

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 import psutil
 
 from pipelines.location import Where, is_folder, list_folder
-from pipelines.storage import create_exclusive, read_text, remove_file, remove_tree
+from pipelines.storage import create_exclusive, read_text, read_texts, remove_file, remove_tree
 
 JOURNAL_DIR = ".segflow-infer"
 
@@ -54,15 +54,15 @@ class Journal:
         return self.done_dir / f"{block_name}.json"
 
     def done(self) -> dict[str, dict]:
-        """Outcomes of the blocks already finished, by block name (one listing, then a read
-        per marker)."""
+        """Outcomes of the blocks already finished, by block name: one listing, the markers
+        read together (`pipelines.storage.read_texts`)."""
         if not is_folder(self.done_dir):
             return {}
         files, _ = list_folder(self.done_dir)
+        markers = [f for f in files if f.name.endswith(".json")]
         return {
-            PurePosixPath(f.name).stem: json.loads(read_text(f))
-            for f in files
-            if f.name.endswith(".json")
+            PurePosixPath(f.name).stem: json.loads(text)
+            for f, text in zip(markers, read_texts(markers), strict=True)
         }
 
     def start(self) -> None:
