@@ -17,7 +17,7 @@ import torch
 from s3_helpers import new_bucket, objects, upload
 
 from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.infer import InferConfig, InferError, infer_slide
+from pipelines.infer import InferConfig, InferError, infer_archive, infer_slide
 from pipelines.inference.journal import JOURNAL_DIR
 from pipelines.ingest import IngestConfig, ingest_slide
 from pipelines.location import ObjectUrl
@@ -101,7 +101,8 @@ def test_a_store_on_s3_gets_the_local_runs_chunks(
     upload(slide, remote)
 
     ran = infer_slide(local, untrained_rgb_unet, config(), client)
-    result = infer_slide(remote, untrained_rgb_unet, config(), client)
+    (result,) = infer_archive(bucket / "stores", untrained_rgb_unet, config(), client)
+    assert result.store == remote and result.output == remote
     assert result.status == "written" and result.identity == ran.identity
     assert result.blocks == ran.blocks and result.blocks["total"] == 9
     assert result.n_instances == ran.n_instances
