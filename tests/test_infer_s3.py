@@ -122,13 +122,14 @@ def test_an_output_that_cannot_link_to_its_slide_is_refused(
     bucket, other = new_bucket(s3_storage), new_bucket(s3_storage)
     remote = bucket / "s.zarr"
     upload(slide, remote)
-    for store, output_dir in ((remote, other / "out"), (slide, bucket / "out")):
+    cases = ((remote, other / "out"), (slide, bucket / "out"), (remote, tmp_path / "out"))
+    for store, output_dir in cases:
         with pytest.raises(InferError) as failure:
             infer_slide(store, untrained_rgb_unet, config(output_dir=output_dir), client)
         message = str(failure.value)
         assert "\n" not in message and message.startswith(str(store))
         assert "same bucket as the slide store" in message
-    assert objects(other) == {} and not exists(bucket / "out")
+    assert objects(other) == {} and not exists(bucket / "out") and not exists(tmp_path / "out")
 
 
 def _done_markers(journal: ObjectUrl) -> int:
