@@ -268,7 +268,11 @@ def parse_location(
 
 
 def _as_location(value: object) -> object:
-    return parse_location(value) if isinstance(value, str | Path) else value
+    # A local path goes on as text: in JSON mode pydantic's Path accepts only a string.
+    if isinstance(value, str | Path):
+        value = parse_location(value)
+        return str(value) if isinstance(value, Path) else value
+    return value
 
 
 #: A pydantic field holding a local path or an object-storage URL, from either's text.

@@ -519,32 +519,33 @@ def name_clashes(sources: Sequence[SlideSource]) -> dict[int, str]:
 # --- stores -------------------------------------------------------------------------------
 
 
-def is_store(path: Path) -> bool:
+def is_store(path: Where) -> bool:
     """Whether `path` is named as a store (`*.zarr`) rather than a folder of stores."""
-    return path.suffix == ".zarr" or (path / "zarr.json").exists()
+    return path.suffix == ".zarr" or is_file(path / "zarr.json")
 
 
-def discover_stores(folder: Path) -> list[Path]:
+def discover_stores(folder: Where) -> list[Where]:
     """The slide stores (`*.zarr` Zarr groups) directly inside `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix == ".zarr" and (p / "zarr.json").exists())
+    _, folders = list_folder(folder)
+    return [p for p in folders if p.suffix == ".zarr" and is_file(p / "zarr.json")]
 
 
-def find_stores(paths: Iterable[str | Path]) -> list[Path]:
-    """Stores from store paths and folders of stores.
+def find_stores(paths: Iterable[str | Where]) -> list[Where]:
+    """Stores from store paths and folders of stores, local or on object storage.
 
     Raises `StoreError` for a missing path, a store without its `zarr.json` (a deleted or
     half-copied store is not an empty one) and a folder that holds no store.
     """
-    stores: list[Path] = []
-    for path in map(local_path, paths):
-        if not path.exists():
+    stores: list[Where] = []
+    for path in map(parse_location, paths):
+        if not (is_folder(path) or is_file(path)):
             raise StoreError(f"{path}: no such file or folder")
         if is_store(path):
-            if not (path / "zarr.json").is_file():
+            if not is_file(path / "zarr.json"):
                 raise StoreError(f"{path}: not a Zarr store (zarr.json is missing)")
             stores.append(path)
             continue
-        if not path.is_dir():
+        if not is_folder(path):
             raise StoreError(f"{path}: not a slide store (expected a .zarr folder)")
         found = discover_stores(path)
         if not found:
@@ -556,8 +557,8 @@ def find_stores(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def ready_stores(
-    paths: Iterable[str | Path], ready: Callable[[Path], bool], need: str
-) -> list[Path]:
+    paths: Iterable[str | Where], ready: Callable[[Where], bool], need: str
+) -> list[Where]:
     """Stores a stage works on: each store named directly, as it is (the stage fails it naming
     its problem), and from each folder the stores `ready` says the stage can use. A folder of
     an archive's stores also holds stores a stage has nothing to do with (unlabelled slides
@@ -566,8 +567,8 @@ def ready_stores(
 
     Raises `StoreError("<folder>: none of its N store(s) <need>")` for a folder with none.
     """
-    stores: list[Path] = []
-    for path in map(local_path, paths):
+    stores: list[Where] = []
+    for path in map(parse_location, paths):
         found = find_stores([path])
         if is_store(path):
             stores += found
@@ -579,7 +580,7 @@ def ready_stores(
     return stores
 
 
-def _ready_or_unreadable(store: Path, ready: Callable[[Path], bool]) -> bool:
+def _ready_or_unreadable(store: Where, ready: Callable[[Where], bool]) -> bool:
     try:
         return ready(store)
     except StoreError:
