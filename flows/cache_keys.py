@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipelines.config import output_settings
-from pipelines.location import ObjectUrl, file_version
+from pipelines.location import ObjectUrl, Where, file_version, parse_location
 from pipelines.stage import StageOutput, segflow_version
 
 
@@ -57,12 +57,22 @@ def file_identity(path: Path | ObjectUrl | None) -> list | None:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def output_identity(stores: Iterable[Path], output: StageOutput) -> list:
-    """Each store's path and the identity key of one stage's output in it (None when absent).
+def place(where: Where) -> str:
+    """Where an output is, as a key names it: a local path made absolute, a URL as it is
+    (without its storage settings).
+
+    >>> place(ObjectUrl("s3", "lab/work/stores")), place(Path("/w/stores"))
+    ('s3://lab/work/stores', '/w/stores')
+    """
+    return str(where.resolve()) if isinstance(where, Path) else str(where)
+
+
+def output_identity(stores: Iterable[Where], output: StageOutput) -> list:
+    """Each store's place and the identity key of one stage's output in it (None when absent).
 
     Example: output_identity([a.zarr], SLIDE_STORE) -> [["/abs/a.zarr", "3f9c..."]].
     """
-    return [[str(Path(s).resolve()), output.recorded_key(Path(s))] for s in stores]
+    return [[place(s), output.recorded_key(s)] for s in map(parse_location, stores)]
 
 
 def _jsonable(value: object) -> object:

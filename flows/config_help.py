@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 import yaml
 from pydantic import BaseModel, TypeAdapter
 
+from pipelines.location import Where
 from pipelines.redaction import redact_text
 
 #: The configuration each command takes, as "module:class", imported only when asked for (the
@@ -104,10 +105,13 @@ def render(stage: str) -> Iterator[str]:
 
 
 def type_name(annotation: Any) -> str:
-    """`int | None`, `list[path]`, `'sgd' | 'adamw'`: how a value is written, briefly."""
+    """`int | None`, `list[path|url]`, `'sgd' | 'adamw'`: how a value is written, briefly (a
+    location, `pipelines.location.Where`, is a local path or an object-storage URL)."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
         return type_name(args[0])
+    if annotation == Where:
+        return "path|url"
     if origin is Literal:
         return " | ".join(repr(arg) for arg in args)
     if origin in (Union, types.UnionType):

@@ -9,6 +9,8 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from pipelines.config import load_config
+from pipelines.location import Where
+from pipelines.storage import exists
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -17,12 +19,12 @@ class UsageError(ValueError):
     """Bad command-line input: a missing path, a malformed configuration."""
 
 
-def existing(paths: Sequence[Path]) -> list[Path]:
-    """`paths`, each checked to exist."""
+def existing(paths: Sequence[Where]) -> list[Where]:
+    """`paths` (local, or on object storage), each checked to exist."""
     for path in paths:
-        if not Path(path).exists():
+        if not exists(path):
             raise UsageError(f"{path}: no such file or folder")
-    return [Path(p) for p in paths]
+    return list(paths)
 
 
 def load(

@@ -96,12 +96,13 @@ def summary_table(summary: RunSummary) -> Table:
     return table
 
 
-def print_report(console: Console, summary: RunSummary, tracking_uri: str) -> None:
+def print_report(console: Console, summary: RunSummary, tracking_uri: str | None) -> None:
     """What a command prints at its end: the slide table (the headline alone when no slide
-    went through), then what training registered, if it did."""
+    went through), then what training registered in `tracking_uri`, if it did (a run with no
+    MLflow store, None, trains nothing)."""
     table = summary_table(summary)
     console.print(table if table.row_count else Text(summary.headline()))
-    if summary.trained is not None:
+    if summary.trained is not None and tracking_uri is not None:
         for line in trained_lines(summary.trained, tracking_uri):
             # Unwrapped, so that ids and links copy whole; Text, so no name reads as markup.
             console.print(Text(line), soft_wrap=True)

@@ -26,9 +26,11 @@ from flows.console import summary_table, trained_lines
 from flows.overlay import write_overlay
 from flows.pipeline import PipelineConfig, pipeline_flow
 from flows.runner import run_flow
-from flows.runtime import prefect_api_url, prefect_database_url
+from flows.runtime import prefect_api_url, prefect_database_url, prefect_dir
+from pipelines.location import local_path
 from pipelines.redaction import redact_uri
 from pipelines.runtime import Runtime
+from pipelines.storage import writable_folder
 from segcore.metrics import segmentation_scores
 from segcore.store import SlideStore
 from segcore.synthetic import write_synthetic_slide
@@ -99,9 +101,10 @@ def hidden_truth_scores(store: Path, truth: Path) -> dict[str, float]:
 def run_demo(
     runtime: Runtime, config_path: Path | None, overrides: list[str], verbose: bool = False
 ) -> int:
-    """Run the demo under `runtime.workdir`; returns the exit status."""
+    """Run the demo under `runtime.workdir` (a local folder: the demo writes its archive,
+    configuration and overlays there as files); returns the exit status."""
     started = time.perf_counter()
-    workdir = runtime.workdir
+    workdir = writable_folder(local_path(runtime.workdir, "the demo's workdir"))
     archive, truth = workdir / "archive", workdir / "truth"
     console = Console(soft_wrap=True)  # commands must stay on one line to be copied
     demo_defaults = {"archive": str(archive), **DEMO_CONFIG}
@@ -166,7 +169,7 @@ def _report(console, runtime, summary, flow_run_id, overlays, scores, started) -
             "   # then http://127.0.0.1:5000"
         )
     if prefect_api_url(runtime) is None:
-        url = prefect_database_url(runtime)
+        url = prefect_database_url(prefect_dir(runtime))
         console.print(
             f"  Prefect UI:  PREFECT_SERVER_DATABASE_CONNECTION_URL={q(url)} prefect server start"
         )

@@ -30,7 +30,9 @@ def deployments(
     config: PipelineConfig, runtime: Runtime, cron: str, timezone: str = "UTC"
 ) -> list[RunnerDeployment]:
     """The deployments `segflow serve` offers, parameterised by `config` and `runtime`."""
-    run = runtime.model_dump(mode="json")
+    # Object-storage keys and secrets are not written into deployments (their JSON form is
+    # `***`): a deployment's run takes them from the environment of the process serving it.
+    run = runtime.model_dump(mode="json", exclude={"object_storage": {"key", "secret"}})
     champion = f"models:/{config.train.registered_model_name}@champion"
     stores = [str(runtime.stores_dir)]
     return [

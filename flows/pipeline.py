@@ -16,8 +16,6 @@ failed runs catches it), its artifact still showing every slide.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed, State
@@ -29,7 +27,7 @@ from flows.stages import TRAINING, run_bootstrap, run_infer, run_ingest, run_tra
 from pipelines.bootstrap import BootstrapConfig, is_unlabelled
 from pipelines.infer import InferConfig
 from pipelines.ingest import IngestConfig
-from pipelines.location import Location
+from pipelines.location import Location, Where
 from pipelines.models import pin_model_uri
 from pipelines.redaction import redact_text, redact_uri
 from pipelines.runtime import Runtime
@@ -48,7 +46,7 @@ CHAMPION = f"models:/{DEFAULT_MODEL_NAME}@champion"
 class TrainSettings(TrainConfig):
     """TrainConfig whose stores the pipeline fills in with the labelled slides it ingested."""
 
-    stores: list[Path] = Field(default_factory=list)
+    stores: list[Location] = Field(default_factory=list)
 
 
 class PipelineConfig(BaseModel):
@@ -56,8 +54,9 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: A folder of slides, or a `.csv` manifest of image/label pairs (pipelines.sources).
-    archive: Path
+    #: A folder of slides (local or on object storage), or a local `.csv` manifest of
+    #: image/label pairs (pipelines.sources).
+    archive: Location
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -81,12 +80,12 @@ def _runner() -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=SLIDES_AT_ONCE)
 
 
-def is_labelled(store: Path) -> bool:
+def is_labelled(store: Where) -> bool:
     """Whether a store has annotations to train on."""
     return SlideStore.open(store).annotations is not None
 
 
-def labelled_stores(paths: list[Path]) -> list[Path]:
+def labelled_stores(paths: list[Where]) -> list[Where]:
     """Stores named directly, and the labelled ones of named folders (the rule is
     `pipelines.sources.ready_stores`; training's is `pipelines.training.stores`)."""
     return ready_stores(paths, is_labelled, "has annotations to compute weight maps from")
@@ -115,11 +114,11 @@ def _trained(result: TrainResult) -> TrainedModel:
 
 
 def _ingest_stage(
-    sources: list[Path | SlideSource],
+    sources: list[Where | SlideSource],
     config: IngestConfig,
     runtime: Runtime,
     summary: RunSummary,
-) -> list[Path]:
+) -> list[Where]:
     found = find_slides(sources)
     summary.notes += found.notes  # label files that pair with no slide: left out, said so
     pairs = run_ingest(found.sources, runtime.stores_dir, config, runtime)
@@ -136,7 +135,7 @@ def _train_stage(config: TrainConfig, summary: RunSummary) -> TrainResult | None
 
 
 def _infer_stage(
-    stores: list[Path], model_uri: str, config: InferConfig, runtime: Runtime, summary: RunSummary
+    stores: list[Where], model_uri: str, config: InferConfig, runtime: Runtime, summary: RunSummary
 ) -> None:
     config = runtime.configure(config)
     try:
@@ -168,7 +167,7 @@ def ingest_flow(
 
 @flow(name="segflow-weights", task_runner=_runner())
 def weights_flow(
-    stores: list[Path],
+    stores: list[Location],
     weights: WeightsConfig = DEFAULT_WEIGHTS,
     runtime: Runtime = DEFAULT_RUNTIME,
 ) -> RunSummary:
@@ -182,7 +181,7 @@ def weights_flow(
 
 @flow(name="segflow-bootstrap", task_runner=_runner())
 def bootstrap_flow(
-    stores: list[Path],
+    stores: list[Location],
     bootstrap: BootstrapConfig = DEFAULT_BOOTSTRAP,
     runtime: Runtime = DEFAULT_RUNTIME,
 ) -> RunSummary:
@@ -201,7 +200,7 @@ def train_flow(train: TrainConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSum
     stores of which those with weight maps (and not named for validation) are trained on,
     by default those of `<workdir>/stores` (pipelines.training.stores)."""
     runtime = runtime.resolved()
-    config = runtime.configure(train)
+    config = runtime.configure(train).with_storage(runtime.object_storage)
     # Expanded here too (training does it itself), so that the task's cache key names them.
     config = config.model_copy(update={"stores": training_stores(config)})
     summary = RunSummary("train")
@@ -211,8 +210,8 @@ def train_flow(train: TrainConfig, runtime: Runtime = DEFAULT_RUNTIME) -> RunSum
 
 @flow(name="segflow-infer", task_runner=_runner())
 def infer_flow(
-    stores: list[Path] | None = None,
-    archive: Path | None = None,
+    stores: list[Location] | None = None,
+    archive: Location | None = None,
     model_uri: str = CHAMPION,
     infer: InferConfig = DEFAULT_INFER,
     ingest: IngestConfig = DEFAULT_INGEST,
@@ -235,7 +234,7 @@ def infer_flow(
     return _finish(summary)
 
 
-def _split(labelled: list[Path], config: PipelineConfig) -> tuple[list[Path], list[Path]]:
+def _split(labelled: list[Where], config: PipelineConfig) -> tuple[list[Where], list[Where]]:
     """(train, validation) stores: the configured ones, else the last `holdout` held out."""
     if config.train.stores or config.train.val_stores:
         return list(config.train.stores) or labelled, list(config.train.val_stores)
@@ -253,7 +252,7 @@ def pipeline_flow(config: PipelineConfig, runtime: Runtime = DEFAULT_RUNTIME) ->
     if config.note:
         summary.notes.append(config.note)
     stores = _ingest_stage([config.archive], config.ingest, runtime, summary)
-    labelled = sorted(s for s in stores if is_labelled(s))
+    labelled = sorted((s for s in stores if is_labelled(s)), key=str)
     pairs = run_weights(labelled, config.weights, runtime)
     summary.outcomes += [outcome for outcome, _ in pairs]
     weighted = [result.store for _, result in pairs if result is not None]
@@ -261,7 +260,7 @@ def pipeline_flow(config: PipelineConfig, runtime: Runtime = DEFAULT_RUNTIME) ->
     if train_stores:
         train = runtime.configure(
             config.train.model_copy(update={"stores": train_stores, "val_stores": val_stores})
-        )
+        ).with_storage(runtime.object_storage)
         _train_stage(train, summary)
     else:
         note = "no labelled slide to train on; segmenting with the current champion"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from uuid import UUID
 
 import prefect.settings
@@ -40,9 +41,11 @@ def run_flow(flow: Flow, runtime: Runtime, verbose: bool = False, **parameters) 
         flow_runs.append(flow_run.id)
 
     def end_training(reason: str) -> None:
-        if runtime.tracking_uri is None and not (runtime.workdir / "mlflow.db").exists():
+        store = runtime.tracking_store  # None: a workdir on object storage, no store at all
+        embedded = runtime.tracking_uri is None and isinstance(runtime.workdir, Path)
+        if store is None or (embedded and not (runtime.workdir / "mlflow.db").exists()):
             return  # nothing tracked yet; creating the embedded store takes seconds
-        end_process_runs(runtime.mlflow_uri)
+        end_process_runs(store)
 
     with (
         quiet_logging(verbose),  # first: starting the temporary server logs a line

@@ -4,6 +4,8 @@ Shared by every flow. A failed task becomes a "failed" outcome carrying its one-
 the other slides go on, unless the Dask scheduler was lost: then no other slide can run, and
 the stage ends the flow with that one line. A cached result whose output has since gone
 from disk (or from the registry) is recomputed with a refreshed cache instead of being trusted.
+A result's URLs come back without credentials (flows.tasks.stored) and are reached again with
+the run's object-storage settings (`reached`) before anything reads through them.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 from prefect import Task
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
+from pydantic import BaseModel
 
 from flows import progress
 from flows.outcomes import StageOutcome
@@ -27,6 +29,7 @@ from pipelines.cluster import SchedulerLostError, dask_client
 from pipelines.infer import SEGMENTATION_OUTPUT, InferConfig, InferResult, Segmenter
 from pipelines.inference.report import seam_line
 from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult
+from pipelines.location import ObjectStorageConfig, ObjectUrl, Where
 from pipelines.redaction import redact_text
 from pipelines.runtime import Runtime
 from pipelines.services import mlflow_client
@@ -57,6 +60,21 @@ def failure_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def reached(result: Any, storage: ObjectStorageConfig) -> Any:
+    """A task's result (or list of results) with each URL in it reaching object storage with
+    `storage` for what it lacks (the keys and secrets `flows.tasks.stored` dropped)."""
+    if isinstance(result, list):
+        return [reached(item, storage) for item in result]
+    if not isinstance(result, BaseModel):
+        return result
+    update = {
+        name: replace(value, storage=value.storage.merged(storage))
+        for name, value in result
+        if isinstance(value, ObjectUrl)
+    }
+    return result.model_copy(update=update)
+
+
 def run_tasks(
     stage: str,
     task: Task,
@@ -64,12 +82,14 @@ def run_tasks(
     still_valid: Callable[[Any], bool],
     refresh: bool = False,
     at_once: int | None = None,
+    storage: ObjectStorageConfig | None = None,
 ) -> list[tuple[StageOutcome, Any]]:
     """Run `task` once per call, up to `at_once` at a time (None: as the task runner allows);
     (outcome, result or None) per call, in order.
 
     `still_valid(result)` is asked of cached results only: False means their output is gone,
-    and the task runs again with the cache refreshed.
+    and the task runs again with the cache refreshed. The URLs in results are reached with
+    `storage` (the run's object-storage settings) first.
     """
     progress.stage_started(stage, len(calls))
     queue = [(index, refresh) for index in range(len(calls))]
@@ -87,6 +107,8 @@ def run_tasks(
         result = state.result(raise_on_failure=False)
         if isinstance(result, SchedulerLostError):
             raise result
+        if storage is not None and state.is_completed():
+            result = reached(result, storage)
         if state.is_completed() and state.name == "Cached" and not still_valid(result):
             queue.insert(0, (index, True))
             continue
@@ -112,7 +134,7 @@ def _outcome(stage: str, slide: str, state: State, result: Any, started: float) 
 
 
 def run_ingest(
-    sources: Sequence[SlideSource], out_dir: Path, config: IngestConfig, runtime: Runtime
+    sources: Sequence[SlideSource], out_dir: Where, config: IngestConfig, runtime: Runtime
 ) -> list[tuple[StageOutcome, IngestResult | None]]:
     """Ingest each source into `out_dir`, one task per slide, on one Dask cluster."""
 
@@ -130,13 +152,20 @@ def run_ingest(
                 for s in todo
             ]
             ran = iter(
-                run_tasks("ingest", ingest_slide_task, calls, SLIDE_STORE.holds, config.overwrite)
+                run_tasks(
+                    "ingest",
+                    ingest_slide_task,
+                    calls,
+                    SLIDE_STORE.holds,
+                    config.overwrite,
+                    storage=runtime.object_storage,
+                )
             )
     return [failed[i] if i in failed else next(ran) for i in range(len(sources))]
 
 
 def run_weights(
-    stores: Sequence[Path], config: WeightsConfig, runtime: Runtime
+    stores: Sequence[Where], config: WeightsConfig, runtime: Runtime
 ) -> list[tuple[StageOutcome, WeightsResult | None]]:
     """Weight maps of each labelled store, one task per store, on one Dask cluster."""
 
@@ -144,11 +173,13 @@ def run_weights(
         return []
     with dask_client(runtime.configure(config).cluster) as client:
         calls = [_store_call(s, {"config": config, "client": client}) for s in stores]
-        return run_tasks("weights", weights_task, calls, WEIGHT_MAPS.holds)
+        return run_tasks(
+            "weights", weights_task, calls, WEIGHT_MAPS.holds, storage=runtime.object_storage
+        )
 
 
 def run_bootstrap(
-    stores: Sequence[Path], config: BootstrapConfig, runtime: Runtime
+    stores: Sequence[Where], config: BootstrapConfig, runtime: Runtime
 ) -> list[tuple[StageOutcome, BootstrapResult | None]]:
     """Bootstrap labels of unlabelled stores: one task for the archive (one network is
     trained on all of them), one outcome per store. A cached result is trusted while every
@@ -162,7 +193,9 @@ def run_bootstrap(
     config = runtime.configure(config)
     with dask_client(config.cluster) as client:
         call = Call("archive", {"stores": list(stores), "config": config, "client": client})
-        ((outcome, results),) = run_tasks("bootstrap", bootstrap_task, [call], still_valid)
+        ((outcome, results),) = run_tasks(
+            "bootstrap", bootstrap_task, [call], still_valid, storage=runtime.object_storage
+        )
     if results is None:  # the archive as a whole failed (e.g. slides of mixed channels)
         return [(replace(outcome, slide=_store_call(s, {}).slide), None) for s in stores]
     cached = outcome.status == "cached"
@@ -216,7 +249,7 @@ def registered(result: TrainResult, tracking_uri: str) -> bool:
 
 
 def run_infer(
-    stores: Sequence[Path], model_uri: str, config: InferConfig, runtime: Runtime
+    stores: Sequence[Where], model_uri: str, config: InferConfig, runtime: Runtime
 ) -> list[tuple[StageOutcome, InferResult | None]]:
     """Segment each store with the (pinned) model, one task per slide, on one Dask cluster
     with one model session: the model is loaded, hashed and put on the workers once per run
@@ -237,7 +270,13 @@ def run_infer(
         calls = [_store_call(s, {"segmenter": segmenter}) for s in stores]
         # One slide at a time: each already spreads its blocks over the whole cluster.
         pairs = run_tasks(
-            "infer", infer_task, calls, SEGMENTATION_OUTPUT.holds, config.overwrite, at_once=1
+            "infer",
+            infer_task,
+            calls,
+            SEGMENTATION_OUTPUT.holds,
+            config.overwrite,
+            at_once=1,
+            storage=runtime.object_storage,
         )
     # The seam report of each slide segmented now goes into the tables and the artifact.
     return [
@@ -246,5 +285,5 @@ def run_infer(
     ]
 
 
-def _store_call(store: Path, kwargs: dict[str, Any]) -> Call:
+def _store_call(store: Where, kwargs: dict[str, Any]) -> Call:
     return Call(store.name.removesuffix(".zarr"), {"store": store, **kwargs})

@@ -10,12 +10,14 @@ Each task calls the stage's library function and nothing else. Around it:
   - a cache key over the task's inputs (flows.cache_keys), so a re-run with unchanged inputs
     is answered from Prefect's result store without doing the work again. The flows refresh
     the cache where a setting asks for the work to be redone (`overwrite`, `resume`) or where
-    a cached result's output is gone.
+    a cached result's output is gone;
+  - results without object-storage keys and secrets (`stored`): Prefect pickles them into its
+    result storage. The flows reach their URLs again with the run's settings (flows.stages).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TypeVar
 
 from distributed import Client
 from prefect import Task, task
@@ -23,15 +25,30 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
 
-from flows.cache_keys import digest, file_identity, output_identity, settings_of
+from flows.cache_keys import digest, file_identity, output_identity, place, settings_of
 from pipelines.bootstrap import BootstrapConfig, BootstrapResult, bootstrap_archive
 from pipelines.cluster import scheduler_kept
 from pipelines.infer import InferResult, Segmenter
 from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult, SlideSource, ingest_slide
+from pipelines.location import ObjectUrl, Where
 from pipelines.training.config import TrainConfig
 from pipelines.training.result import TrainResult
 from pipelines.weightmaps import WEIGHT_MAPS, WeightsConfig, WeightsResult, compute_weight_maps
+
+ResultT = TypeVar("ResultT", bound=BaseModel)
+
+
+def stored(result: ResultT) -> ResultT:
+    """`result` as Prefect may store it: each URL or slide source in it without object-storage
+    keys and secrets (endpoint and region kept)."""
+    bare = {
+        name: value.without_credentials()
+        for name, value in result
+        if isinstance(value, ObjectUrl | SlideSource)
+    }
+    return result.model_copy(update=bare)
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -57,7 +74,7 @@ def _ingest_key(context: TaskRunContext, parameters: dict) -> str:
         file_identity(source.image),
         file_identity(source.labels),
         source.page,
-        str(Path(parameters["out_dir"]).resolve()),
+        place(parameters["out_dir"]),
         settings_of(parameters["config"]),
     )
 
@@ -66,13 +83,11 @@ def _ingest_key(context: TaskRunContext, parameters: dict) -> str:
     name="ingest-slide", task_run_name="ingest {source.name}", cache_key_fn=_ingest_key, **_retrying
 )
 def ingest_slide_task(
-    source: SlideSource, out_dir: Path, config: IngestConfig, client: Client | None
+    source: SlideSource, out_dir: Where, config: IngestConfig, client: Client | None
 ) -> IngestResult:
     """Ingest one slide into `<out_dir>/<name>.zarr`."""
     with scheduler_kept(client):
-        result = ingest_slide(source, out_dir, config, client)
-    # Prefect pickles this result into its storage: no credential may go with it.
-    return result.model_copy(update={"source": result.source.without_credentials()})
+        return stored(ingest_slide(source, out_dir, config, client))
 
 
 def _weights_key(context: TaskRunContext, parameters: dict) -> str:
@@ -86,10 +101,10 @@ def _weights_key(context: TaskRunContext, parameters: dict) -> str:
     cache_key_fn=_weights_key,
     **_retrying,
 )
-def weights_task(store: Path, config: WeightsConfig, client: Client | None) -> WeightsResult:
+def weights_task(store: Where, config: WeightsConfig, client: Client | None) -> WeightsResult:
     """Training target and weight map of one labelled store."""
     with scheduler_kept(client):
-        return compute_weight_maps(store, config, client)
+        return stored(compute_weight_maps(store, config, client))
 
 
 def _bootstrap_key(context: TaskRunContext, parameters: dict) -> str:
@@ -103,11 +118,11 @@ def _bootstrap_key(context: TaskRunContext, parameters: dict) -> str:
 # like training: a rerun trains again, and its failures are rarely I/O.
 @task(name="bootstrap", task_run_name="bootstrap", cache_key_fn=_bootstrap_key, persist_result=True)
 def bootstrap_task(
-    stores: list[Path], config: BootstrapConfig, client: Client | None
+    stores: list[Where], config: BootstrapConfig, client: Client | None
 ) -> list[BootstrapResult]:
     """Bootstrap labels of unlabelled stores: train one clustering network, label each store."""
     with scheduler_kept(client):
-        return bootstrap_archive(stores, config, client=client)
+        return [stored(r) for r in bootstrap_archive(stores, config, client=client)]
 
 
 def _train_key(context: TaskRunContext, parameters: dict) -> str:
@@ -128,7 +143,7 @@ def train_task(config: TrainConfig) -> TrainResult:
     # Imported here: Lightning takes seconds to import, and only training needs it.
     from pipelines.train import run_training
 
-    return run_training(config)
+    return stored(run_training(config))
 
 
 def _infer_key(context: TaskRunContext, parameters: dict) -> str:
@@ -142,7 +157,7 @@ def _infer_key(context: TaskRunContext, parameters: dict) -> str:
 
 
 @task(name="infer-slide", task_run_name="infer {store.name}", cache_key_fn=_infer_key, **_retrying)
-def infer_task(store: Path, segmenter: Segmenter) -> InferResult:
+def infer_task(store: Where, segmenter: Segmenter) -> InferResult:
     """Segment one slide store with the run's model session (opened by the first slide that
     is not answered from the cache, then shared by the others)."""
-    return segmenter.segment(store)
+    return stored(segmenter.segment(store))

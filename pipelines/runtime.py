@@ -6,27 +6,36 @@ LocalCluster per stage, and Prefect's temporary local API with its home, databas
 cache under `<workdir>/prefect`. The environment variables MLFLOW_TRACKING_URI,
 DASK_SCHEDULER_ADDRESS and PREFECT_API_URL move a run onto real servers; they are read by
 `RuntimeEnvironment` and nowhere else, once, where a run starts; so are AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION, which say how to reach the
-object storage that slides are read from (`object_storage`, pipelines.location). The workdir
-is a local folder: a URL there is refused (`location.local_path`), never made a folder `s3:`.
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION, which say how to reach
+object storage (`object_storage`, pipelines.location).
+
+The workdir may be a prefix on object storage (`s3://lab/work`, reached with the run's
+`object_storage`): stores are then `s3://lab/work/stores`, and nothing local is made of it.
+Two things need a local disk and so never go there: MLflow's embedded store is a SQLite file,
+so such a run needs a tracking URI (`mlflow_uri` says so in one line), and Prefect's embedded
+database and task cache live in a local folder keyed by the workdir's URL
+(flows.runtime.prefect_dir).
 
     runtime = Runtime.from_environment()                 # the `segflow` command, a script
     runtime = Runtime(workdir=Path("work")).resolved()   # the same, with the workdir given
     runtime = Runtime(workdir=Path("/data/work"))        # explicit: reads no variable
     runtime.mlflow_uri                                   # 'sqlite:////data/work/mlflow.db'
+    Runtime(workdir="s3://lab/work", tracking_uri="http://mlflow:5000").stores_dir
+                                                         # ObjectUrl('s3://lab/work/stores')
 
 Training and inference given no tracking URI use the same store, `default_tracking_uri`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.location import ObjectStorageConfig, local_path
+from pipelines.location import Location, ObjectStorageConfig, ObjectUrl, Where
 from pipelines.redaction import RedactedUri
 
 if TYPE_CHECKING:
@@ -109,7 +118,8 @@ class Runtime(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    workdir: Annotated[Path, BeforeValidator(local_path)] = DEFAULT_WORKDIR
+    #: A local folder or an object-storage prefix (reached with `object_storage`).
+    workdir: Location = DEFAULT_WORKDIR
     #: MLflow tracking and registry URI; None = the embedded `default_tracking_uri(workdir)`.
     tracking_uri: RedactedUri = None
     #: A running Dask scheduler for every stage; None = each stage starts the LocalCluster its
@@ -122,6 +132,13 @@ class Runtime(BaseModel):
     #: from the environment by `resolved`. Credentials are `***` in its JSON form.
     object_storage: ObjectStorageConfig = ObjectStorageConfig()
 
+    @model_validator(mode="after")
+    def _reach_workdir(self) -> Runtime:
+        """A workdir URL is reached with this run's object-storage settings."""
+        if isinstance(self.workdir, ObjectUrl):
+            self.workdir = replace(self.workdir, storage=self.object_storage)
+        return self
+
     @classmethod
     def from_environment(cls, **given: object) -> Runtime:
         """The runtime of the fields `given` (a None value counts as not given), the others
@@ -129,12 +146,15 @@ class Runtime(BaseModel):
         return cls(**{name: value for name, value in given.items() if value is not None}).resolved()
 
     def resolved(self) -> Runtime:
-        """Absolute workdir, and the services left None filled from the environment."""
-        workdir = self.workdir.expanduser().resolve()
+        """Absolute workdir (a URL as it is), and the services left None filled from the
+        environment."""
+        workdir = self.workdir
         env = RuntimeEnvironment()
         tracking_uri = self.tracking_uri or env.tracking_uri
-        if tracking_uri == default_tracking_uri(workdir):
-            tracking_uri = None  # the embedded store named explicitly
+        if isinstance(workdir, Path):
+            workdir = workdir.expanduser().resolve()
+            if tracking_uri == default_tracking_uri(workdir):
+                tracking_uri = None  # the embedded store named explicitly
         return Runtime(
             workdir=workdir,
             tracking_uri=tracking_uri,
@@ -144,19 +164,33 @@ class Runtime(BaseModel):
         )
 
     @property
-    def stores_dir(self) -> Path:
-        """Where ingested slide stores live."""
+    def stores_dir(self) -> Where:
+        """Where ingested slide stores live: `<workdir>/stores`, on object storage too."""
         return self.workdir / "stores"
 
     @property
-    def prefect_dir(self) -> Path:
-        """PREFECT_HOME of an embedded run: the temporary API's database and the task cache."""
-        return self.workdir / "prefect"
+    def tracking_store(self) -> str | None:
+        """The tracking URI, the embedded one of a local workdir; None for a workdir on object
+        storage given none (the embedded store is a local SQLite file)."""
+        if self.tracking_uri is not None:
+            return self.tracking_uri
+        return default_tracking_uri(self.workdir) if isinstance(self.workdir, Path) else None
 
     @property
     def mlflow_uri(self) -> str:
-        """The tracking (and registry) URI to talk to."""
-        return self.tracking_uri or default_tracking_uri(self.workdir)
+        """The tracking (and registry) URI to talk to.
+
+        Raises ValueError for a workdir on object storage given none, e.g. "s3://lab/work:
+        a workdir on object storage has no embedded MLflow store; give --tracking-uri or
+        MLFLOW_TRACKING_URI".
+        """
+        uri = self.tracking_store
+        if uri is None:
+            raise ValueError(
+                f"{self.workdir}: a workdir on object storage has no embedded MLflow store; "
+                "give --tracking-uri or MLFLOW_TRACKING_URI"
+            )
+        return uri
 
     def cluster(self, config: ClusterConfig) -> ClusterConfig:
         """A stage's cluster settings, pointed at the run's scheduler when it has one."""

@@ -14,9 +14,10 @@ from mlflow import MlflowClient
 from test_infer import make_store, smooth_image
 
 from flows.console import quiet_logging
-from flows.runtime import embedded_prefect_settings
+from flows.runtime import embedded_prefect_settings, prefect_dir
 from pipelines.cluster import ClusterConfig
 from pipelines.infer import InferConfig, infer_archive
+from pipelines.location import ObjectStorageConfig, ObjectUrl
 from pipelines.models import ModelNotFoundError, pin_model_uri
 from pipelines.runtime import (
     Runtime,
@@ -219,3 +220,41 @@ def test_a_runtime_configures_every_stage_by_one_rule(clean_env, tmp_path):
     assert train.max_steps == 3
     embedded = Runtime(workdir=tmp_path).configure(WeightsConfig())
     assert embedded.cluster == WeightsConfig().cluster
+
+
+def test_a_workdir_on_object_storage_stays_a_url_and_needs_a_tracking_uri(clean_env, tmp_path):
+    clean_env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "from-env")
+    given = ObjectStorageConfig(key="k")
+    runtime = Runtime.from_environment(workdir="s3://lab/work", object_storage=given)
+    assert runtime.workdir == ObjectUrl("s3", "lab/work")  # not resolved into a local path
+    # Stores are reached with the run's settings: the given ones, the environment's for the rest.
+    reached = runtime.stores_dir.storage
+    assert (str(runtime.stores_dir), reached.key, reached.secret) == (
+        "s3://lab/work/stores",
+        "k",
+        "from-env",
+    )
+    assert reached.endpoint_url == "http://127.0.0.1:9"
+    assert runtime.tracking_store is None
+    message = (
+        "s3://lab/work: a workdir on object storage has no embedded MLflow store; "
+        "give --tracking-uri or MLFLOW_TRACKING_URI"
+    )
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        _ = runtime.mlflow_uri
+    with pytest.raises(ValueError, match="no embedded MLflow store"):
+        runtime.configure(InferConfig())
+    tracked = Runtime.from_environment(workdir="s3://lab/work", tracking_uri="http://m:5000")
+    assert tracked.configure(InferConfig()).tracking_uri == "http://m:5000"
+    # Prefect's database and task cache need a local disk: a folder in Prefect's home, one
+    # per workdir URL, and nothing under the current directory.
+    clean_env.chdir(tmp_path)
+    home = {prefect.settings.PREFECT_HOME: str(tmp_path / "home")}
+    with prefect.settings.temporary_settings(updates=home):
+        folder = prefect_dir(runtime)
+        assert folder.parent == tmp_path / "home" / "segflow"
+        assert folder == prefect_dir(tracked) != prefect_dir(Runtime(workdir="s3://lab/other"))
+        settings = embedded_prefect_settings(runtime)
+    assert settings["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == str(folder / "storage")
+    assert list(tmp_path.iterdir()) == []
