@@ -16,8 +16,10 @@ Every command but `export` (a plain library call, pipelines.export) runs as a Pr
 (flows.pipeline); every command reads the environment only here:
 PREFECT_API_URL, MLFLOW_TRACKING_URI and DASK_SCHEDULER_ADDRESS (or --tracking-uri,
 --scheduler) move it onto real servers; with none set it runs on embedded defaults under
---workdir. Bad input ends with `segflow: error: <file>: <problem>` and a non-zero exit;
---debug shows tracebacks.
+--workdir, a local folder or an object-storage prefix (`--workdir s3://lab/work`: stores,
+checkpoints and outputs there, reached with AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; such a
+run needs a tracking URI to train or segment). Bad input ends with
+`segflow: error: <file>: <problem>` and a non-zero exit; --debug shows tracebacks.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from segcore.errors import one_line
 EXIT_FAILED_SLIDES = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+#: The flows that talk to MLflow (train, register, pin the model to segment with).
+TRACKED_FLOWS = frozenset({"segflow-train", "segflow-infer", "segflow-pipeline"})
 MANIFEST_HELP = (
     "CSV of image/label pairs (columns image,labels[,page]; paths relative to its folder)"
 )
@@ -48,9 +52,9 @@ def _common(parser: argparse.ArgumentParser, config_help: str | None) -> None:
         parser.add_argument("--config", type=Path, help=config_help)
     parser.add_argument(
         "--workdir",
-        type=Path,
-        default=Path("segflow-work"),
-        help="where stores, the embedded MLflow and Prefect databases live (default: %(default)s)",
+        default="segflow-work",
+        help="where stores, the embedded MLflow and Prefect databases live: a folder, or an "
+        "object-storage prefix such as s3://lab/work (default: %(default)s)",
     )
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else embedded)"
@@ -97,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="slides, folders of slides, .csv manifests; " + _kv("ingest"),
     )
     ingest.add_argument(
-        "--labels", type=Path, help="the label image of the one SLIDE named (an explicit pair)"
+        "--labels", help="the label image of the one SLIDE named (an explicit pair)"
     )
     ingest.add_argument("--manifest", type=Path, help=MANIFEST_HELP)
     _common(ingest, "YAML file of IngestConfig fields")
@@ -137,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument(
         "--archive",
-        type=Path,
         help="also ingest and segment the slides here (a folder, or a .csv manifest of pairs)",
     )
     _common(infer, "YAML file of InferConfig fields")
@@ -213,10 +216,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def split_items(items: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """Positional words: `key=value` overrides, everything else a path."""
+def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Positional words: `key=value` overrides, everything else a path or URL (its text)."""
     overrides = [item for item in items if "=" in item]
-    paths = [Path(item) for item in items if "=" not in item]
+    paths = [item for item in items if "=" not in item]
     return paths, overrides
 
 
@@ -255,17 +258,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":  # reads no input, starts nothing
         return _config(args.stage)
     from flows.console import quiet_logging
-    from pipelines.location import local_path
+    from pipelines.location import parse_location
     from pipelines.runtime import Runtime
 
     runtime = Runtime.from_environment(
-        workdir=local_path(args.workdir),
-        tracking_uri=args.tracking_uri,
-        scheduler_address=args.scheduler,
+        workdir=args.workdir, tracking_uri=args.tracking_uri, scheduler_address=args.scheduler
     )
-    paths, overrides = split_items(args.items)
-    if args.command != "ingest":  # only slides are read from object storage yet
-        paths = [local_path(path) for path in paths]
+    words, overrides = split_items(args.items)
+    # Stores and archives on object storage are reached like the workdir; ingest reaches its
+    # slides with its configuration's settings too, once it has read them.
+    storage = runtime.object_storage
+    paths = words if args.command == "ingest" else [parse_location(w, storage) for w in words]
     if args.command == "train" and os.environ.get("LOCAL_RANK", "0") != "0":
         # Lightning's DDP launcher re-runs this command once per extra device; those ranks
         # join the rank-0 training run directly, outside Prefect.
@@ -288,9 +291,10 @@ def _train_config(args, runtime, paths, overrides):
     from pipelines.training.config import TrainConfig
     from pipelines.training.stores import training_stores
 
+    config = load(TrainConfig, args.config, overrides)
     if paths:
-        overrides = [f"stores=[{', '.join(map(str, existing(paths)))}]", *overrides]
-    config = runtime.configure(load(TrainConfig, args.config, overrides))
+        config = config.model_copy(update={"stores": existing(paths)})
+    config = runtime.configure(config).with_storage(runtime.object_storage)
     # Folders (and the default <workdir>/stores) expanded before the flow starts: a missing or
     # empty one fails in one line, and the flow's parameters name every store trained on.
     return config.model_copy(update={"stores": training_stores(config)})
@@ -299,7 +303,7 @@ def _train_config(args, runtime, paths, overrides):
 def _ingest(args, runtime, paths, overrides) -> int:
     from flows.pipeline import ingest_flow
     from pipelines.ingest import IngestConfig
-    from pipelines.location import parse_location
+    from pipelines.location import local_path, parse_location
     from pipelines.sources import SlideSource, as_manifest, find_slides
 
     config = load(IngestConfig, args.config, overrides)
@@ -314,7 +318,7 @@ def _ingest(args, runtime, paths, overrides) -> int:
             )
         sources = [SlideSource(image=paths[0], labels=parse_location(args.labels, storage))]
     if args.manifest is not None:
-        sources.append(as_manifest(args.manifest))
+        sources.append(as_manifest(local_path(args.manifest, "manifests")))
     find_slides(sources)  # no such path, no slide in a folder, a bad manifest: fail before a flow
     return _run(args, runtime, ingest_flow, sources=sources, ingest=config)
 
@@ -349,17 +353,17 @@ def _train(args, runtime, paths, overrides) -> int:
 def _infer(args, runtime, paths, overrides) -> int:
     from flows.pipeline import CHAMPION, infer_flow
     from pipelines.infer import InferConfig
-    from pipelines.location import local_path
+    from pipelines.location import parse_location
     from pipelines.sources import find_slides, find_stores
 
-    config = load(InferConfig, args.config, overrides)
-    if config.output_dir is not None:
-        local_path(config.output_dir)
+    # Configured here, as training is: a run without an MLflow store fails before any lookup.
+    config = runtime.configure(load(InferConfig, args.config, overrides))
     model = args.model or CHAMPION
     if not model.startswith(("models:/", "runs:/")) and "://" not in model:
         existing([Path(model)])
     archive = args.archive
     if archive is not None:
+        archive = parse_location(archive, runtime.object_storage)
         find_slides([archive])
     stores = find_stores(paths or [runtime.stores_dir]) if paths or archive is None else []
     return _run(
@@ -367,17 +371,21 @@ def _infer(args, runtime, paths, overrides) -> int:
     )
 
 
-def _pipeline_config(args, paths, overrides):
+def _pipeline_config(args, runtime, paths, overrides):
     from flows.pipeline import PipelineConfig
+    from pipelines.location import local_path, parse_location
     from pipelines.sources import as_manifest, find_slides
 
     if args.manifest is not None:
-        paths = [*paths, as_manifest(args.manifest)]
+        paths = [*paths, as_manifest(local_path(args.manifest, "manifests"))]
     if len(paths) > 1:
         raise UsageError(f"{args.command}: one archive folder at a time, got {len(paths)}")
     if paths:
         overrides = [f"archive={existing(paths)[0]}", *overrides]
     config = load(PipelineConfig, args.config, overrides)
+    # An archive URL, named here or in the configuration, is reached like ingest's slides.
+    storage = config.ingest.object_storage.merged(runtime.object_storage)
+    config = config.model_copy(update={"archive": parse_location(str(config.archive), storage)})
     find_slides([config.archive])
     return config
 
@@ -385,7 +393,7 @@ def _pipeline_config(args, paths, overrides):
 def _run_pipeline(args, runtime, paths, overrides) -> int:
     from flows.pipeline import pipeline_flow
 
-    config = _pipeline_config(args, paths, overrides)
+    config = _pipeline_config(args, runtime, paths, overrides)
     return _run(args, runtime, pipeline_flow, config=config)
 
 
@@ -394,7 +402,7 @@ def _serve(args, runtime, paths, overrides) -> int:
     from flows.runtime import prefect_api_url, prefect_session
     from pipelines.storage import writable_folder
 
-    config = _pipeline_config(args, paths, overrides)
+    config = _pipeline_config(args, runtime, paths, overrides)
     writable_folder(runtime.workdir)
     embedded = prefect_api_url(runtime) is None
     if embedded:
@@ -421,9 +429,11 @@ def _export(args, runtime, paths, overrides) -> int:
     if overrides:
         raise UsageError(f"export: no key=value settings, got {overrides[0]}")
     if args.out is not None:
-        local_path(args.out)
+        local_path(args.out, "export")
+    # Export reads and writes local files only: stores on object storage are refused.
+    paths = [local_path(path, "export") for path in paths or [runtime.stores_dir]]
     stores = ready_stores(
-        paths or [runtime.stores_dir],
+        paths,
         lambda store: (store / LABELS_GROUP / INSTANCES / "0" / "zarr.json").is_file(),
         "has instances (run segflow infer first)",
     )
@@ -444,9 +454,7 @@ def _export(args, runtime, paths, overrides) -> int:
 
 def _demo(args, runtime, paths, overrides) -> int:
     from flows.demo import run_demo
-    from pipelines.storage import writable_folder
 
-    writable_folder(runtime.workdir)
     return run_demo(runtime, args.config, overrides, verbose=args.verbose)
 
 
@@ -470,10 +478,15 @@ def _run(args, runtime, flow, **parameters) -> int:
     from flows.runner import run_flow
     from pipelines.storage import writable_folder
 
+    # A flow that trains or segments needs an MLflow store: a workdir on object storage given
+    # no tracking URI fails here in one line, before anything is written or started.
+    tracking = runtime.mlflow_uri if flow.name in TRACKED_FLOWS else runtime.tracking_store
     writable_folder(runtime.workdir)
     outcome = run_flow(flow, runtime, verbose=args.verbose, **parameters)
-    print_report(Console(), outcome.summary, runtime.mlflow_uri)
-    print(f"stores: {runtime.stores_dir}\nMLflow: {redact_uri(runtime.mlflow_uri)}")
+    print_report(Console(), outcome.summary, tracking)
+    print(f"stores: {runtime.stores_dir}")
+    if tracking is not None:
+        print(f"MLflow: {redact_uri(tracking)}")
     print(f"Prefect flow run: {outcome.flow_run_id}")
     for note in outcome.summary.notes:
         print(f"segflow: warning: {note}", file=sys.stderr)

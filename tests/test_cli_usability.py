@@ -135,7 +135,7 @@ def test_config_lists_nested_keys_with_type_default_and_meaning(capsys):
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()[1:]}
     assert out.startswith("train: TrainConfig (")
-    assert lines["stores"].split()[:2] == ["list[path]", "[]"]
+    assert lines["stores"].split()[:2] == ["list[path|url]", "[]"]
     assert "<workdir>/stores" in lines["stores"]
     assert lines["optimizer.lr"].split()[:2] == ["float", "0.01"]
     assert "Learning rate" in lines["optimizer.lr"]

@@ -4,9 +4,11 @@ mock of the client.
 Ingesting an archive from an S3 prefix writes stores whose every chunk is byte for byte the
 one the same files give when read locally, under the same identity (TIFF and PNG read by
 range requests, an SVS slide staged through the bounded local cache); an endpoint that
-cannot be reached fails in one line within seconds; and what segflow does not write to object
-storage yet (the workdir, stores, outputs) is refused in one line through the `segflow`
-command, never turned into a local folder named `s3:`.
+cannot be reached fails in one line within seconds; `segflow ingest` writes its stores into a
+workdir on object storage without a local folder (tests/test_cli_s3.py runs every stage so);
+and what segflow does not do on object storage (export, manifests, the demo, MLflow's
+embedded store) is refused in one line through the `segflow` command, never turned into a
+local folder named `s3:`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from s3_helpers import CREDENTIALS, new_bucket, upload
+from s3_helpers import CREDENTIALS, new_bucket, objects, upload
 from server_helpers import free_port
 
 from flows.cli import main
@@ -177,23 +178,35 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("segflow")]
 
 
-def test_cli_refuses_object_storage_outputs_without_a_local_s3_folder(tmp_path, archive):
-    slide = tmp_path / "s1.tif"
-    shutil.copy(archive / "s1.tif", slide)
+def test_cli_refuses_what_stays_local_without_a_local_s3_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = "s3://segflow/work"
+    refused = "segflow: error: object storage for {} is not supported yet: {}"
+    no_store = (
+        f"segflow: error: {work}: a workdir on object storage has no embedded MLflow store; "
+        "give --tracking-uri or MLFLOW_TRACKING_URI"
+    )
     cases = [
-        (["ingest", str(slide), "--workdir", "s3://segflow/work"], "s3://segflow/work"),
         (
-            ["weights", "s3://segflow/stores/s1.zarr", "--workdir", "w"],
-            "s3://segflow/stores/s1.zarr",
+            ["export", "s3://segflow/stores/s1.zarr"],
+            refused.format("export", "s3://segflow/stores/s1.zarr"),
         ),
+        (["export", "--workdir", work], refused.format("export", f"{work}/stores")),
+        (
+            ["ingest", "--manifest", "s3://segflow/p.csv"],
+            refused.format("manifests", "s3://segflow/p.csv"),
+        ),
+        (["demo", "--workdir", work], refused.format("the demo's workdir", work)),
+        (["train", "--workdir", work], no_store),
+        (["infer", "--workdir", work], no_store),
     ]
-    for args, url in cases:
-        result = run_segflow(args, tmp_path)
-        assert result.returncode == 2, result.stderr
-        assert error_lines(result) == [
-            f"segflow: error: object storage for stores/workdir is not supported yet: {url}"
+    for args, line in cases:
+        assert main(args) == 2, args
+        assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("segflow")] == [
+            line
         ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.tif"]  # no ./s3: and no ./w
+    assert list(tmp_path.iterdir()) == []  # no ./s3: and no ./segflow-work
 
 
 def test_cli_reads_the_endpoint_from_the_environment(tmp_path, monkeypatch, capsys):
@@ -218,26 +231,32 @@ def test_cli_reads_the_endpoint_from_the_environment(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_cli_ingests_an_s3_prefix(tmp_path, archive, s3_storage, s3_endpoint):
-    prefix = new_bucket(s3_storage) / "archive"
-    upload(archive, prefix)
+def test_cli_ingests_an_s3_prefix_into_a_workdir_there(tmp_path, archive, s3_storage, s3_endpoint):
+    bucket = new_bucket(s3_storage)
+    upload(archive, bucket / "archive")
+    cwd, home = tmp_path / "cwd", tmp_path / "prefect-home"
+    cwd.mkdir()
     result = run_segflow(
-        ["ingest", str(prefix), "--workdir", str(tmp_path / "work"), "chunk_size=128"],
-        tmp_path,
+        ["ingest", f"{bucket}/archive", "--workdir", f"{bucket}/work", "chunk_size=128"],
+        cwd,
+        PREFECT_HOME=str(home),
         AWS_ENDPOINT_URL=s3_endpoint,
         AWS_ACCESS_KEY_ID=CREDENTIALS["key"],
         AWS_SECRET_ACCESS_KEY=CREDENTIALS["secret"],
         AWS_DEFAULT_REGION=CREDENTIALS["region"],
     )
     assert result.returncode == 0, result.stderr
-    stores = tmp_path / "work" / "stores"
-    assert sorted(p.name for p in stores.glob("*.zarr")) == ["p1.zarr", "s1.zarr"]
+    stored = objects(bucket / "work")
+    assert {"stores/p1.zarr/zarr.json", "stores/s1.zarr/zarr.json"} <= set(stored)
+    assert list(cwd.iterdir()) == []  # no ./s3: and no local workdir
     assert CREDENTIALS["secret"] not in result.stdout + result.stderr
-    # Nothing the run wrote down holds the secret: not the stores, not Prefect's database,
-    # not the task results Prefect pickled into its storage (base64 inside JSON records).
+    # Nothing the run wrote down holds the secret: not the stores, not Prefect's database or
+    # the task results it pickled into its storage (base64 inside JSON records), which for a
+    # workdir on object storage are local, in Prefect's home.
     secret = CREDENTIALS["secret"].encode()
-    written = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
-    results = list((tmp_path / "work" / "prefect" / "storage").glob("*"))
+    assert [key for key, data in stored.items() if secret in data] == []
+    written = [p for p in home.rglob("*") if p.is_file()]
+    results = list(home.glob("segflow/*/storage/*"))
     assert results and [p for p in written if secret in p.read_bytes()] == []
     pickled = [base64.b64decode(json.loads(p.read_text())["result"]) for p in results]
     assert [record for record in pickled if secret in record] == []
