@@ -9,7 +9,12 @@ from pipelines.components import clean_foreground, label_foreground
 from pipelines.inference.outputs import InstanceRule, create_work_group, finish
 from pipelines.stage import Identity
 from segcore import ngff
-from segcore.separation import cut_touching, drop_small, split_at_boundaries
+from segcore.separation import (
+    cut_touching,
+    drop_small,
+    foreground_classes,
+    split_at_boundaries,
+)
 from segcore.weights import cell_boundaries
 
 
@@ -100,6 +105,19 @@ def test_chunk_wise_cleaning_equals_the_whole_map(tmp_path):
     whole = drop_small(cut_touching(mask), 20, (False,) * 4)
     np.testing.assert_array_equal(dst[...] != 0, whole)
     assert n_objects(whole) < n_objects(cut_touching(mask)) - 20  # specks were there to drop
+
+
+def test_foreground_threshold_keeps_only_confident_pixels():
+    nucleus = np.array([[0.2, 0.45, 0.55, 0.65, 0.9]])
+    probabilities = np.stack([1 - nucleus, nucleus])
+    argmax = probabilities.argmax(0)
+    np.testing.assert_array_equal(foreground_classes(probabilities, 0.5), argmax)
+    np.testing.assert_array_equal(foreground_classes(probabilities, 0.6), [[0, 0, 0, 1, 1]])
+    np.testing.assert_array_equal(foreground_classes(probabilities, 0.4), [[0, 1, 1, 1, 1]])
+    # Three classes: foreground is "not background", then the likelier of interior / boundary.
+    three = np.array([[[0.3, 0.5]], [[0.3, 0.1]], [[0.4, 0.4]]])
+    np.testing.assert_array_equal(foreground_classes(three, 0.6), [[2, 0]])
+    assert foreground_classes(three, 0.6).dtype == np.uint8
 
 
 def boundary_map(shape, n, seed, width=2):
