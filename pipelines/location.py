@@ -12,9 +12,10 @@ input is named (`parse_location`), and read through fsspec.
 
 An `ObjectUrl` carries the storage settings it was parsed with (endpoint, credentials,
 region), so a Dask task handed one can open it; they are no part of its text, its repr, its
-equality or its JSON form. Only reading is built: a URL where segflow would write (the
-workdir, stores, outputs) is refused in one line by `local_path`, and never becomes a local
-folder named `s3:`. The endpoint and credentials come from the standard variables
+equality or its JSON form. Writing there (stores, the workdir, checkpoints, outputs) goes
+through `pipelines.storage`, which keeps the same rules on a prefix as in a folder; what
+stays local (manifests, exports) is refused in one line by `local_path`, and a URL never
+becomes a local folder named `s3:`. The endpoint and credentials come from the standard variables
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), read by
 `pipelines.runtime.RuntimeEnvironment` where a run starts, or from the configuration.
 """
