@@ -297,11 +297,14 @@ def _sha256(path: Where) -> str:
     return digest.hexdigest()
 
 
-def file_checksums(source: SlideSource) -> dict[str, str]:
-    """sha256 of every source file, streamed; keys are the file paths."""
-    paths = source_files(source.image) + ([source.labels] if source.labels else [])
+def file_checksums(source: SlideSource, image: Where | None = None) -> dict[str, str]:
+    """sha256 of every source file, streamed; keys are the file paths. `image`, when given, is
+    where the slide's bytes are read instead (its local staged copy: one download, not two)."""
+    images = source_files(source.image)
+    paths = images + ([source.labels] if source.labels else [])
+    read = {images[0]: image} if image is not None else {}
     try:
-        return {str(p): _sha256(p) for p in paths}
+        return {str(p): _sha256(read.get(p, p)) for p in paths}
     except OSError as exc:
         raise IngestError(f"{exc.filename or source.image}: cannot read ({exc.strerror})") from exc
 

@@ -101,32 +101,32 @@ def ingest_slide(
     for path in (source.image, source.labels):
         if path is not None and not is_file(path):
             raise IngestError(f"{path}: no such file")
-    files = file_checksums(source)
-    checksum = source_checksum(files, source)
-    identity = store_identity(checksum, config)
-    result = IngestResult(
-        source=source, store=final, status="skipped", checksum=checksum, identity=identity.key
-    )
-    if not config.overwrite and SLIDE_STORE.is_current(final, identity):
-        result.shape = tuple(open_group(final, mode="r").attrs["segflow"]["shape"])
-        result.seconds = time.perf_counter() - started
-        return result
-    refuse_links(final)
-    tmp = temporary_sibling(final)
-    try:
-        # OpenSlide's formats on object storage are read from a local copy, anything else
-        # where it is.
-        with readable(source.image, stage_dir_for(out_dir)) as image:
+    # OpenSlide's formats on object storage are read from a local copy, anything else where
+    # it is; the checksum reads the same bytes, so a staged slide is downloaded once.
+    with readable(source.image, stage_dir_for(out_dir)) as image:
+        files = file_checksums(source, image)
+        checksum = source_checksum(files, source)
+        identity = store_identity(checksum, config)
+        result = IngestResult(
+            source=source, store=final, status="skipped", checksum=checksum, identity=identity.key
+        )
+        if not config.overwrite and SLIDE_STORE.is_current(final, identity):
+            result.shape = tuple(open_group(final, mode="r").attrs["segflow"]["shape"])
+            result.seconds = time.perf_counter() - started
+            return result
+        refuse_links(final)
+        tmp = temporary_sibling(final)
+        try:
             metadata = write_store(tmp, source, files, checksum, config, client, image)
-        record_identity(open_group(tmp, mode="r+"), identity, metadata)
-        result.mb_written = tree_bytes(tmp) / 1e6
-        install(tmp, final)
-    except IngestError:
-        raise
-    except ValueError as exc:  # ReaderError and friends
-        raise IngestError(_named(str(exc), source)) from exc
-    finally:
-        remove_tree(tmp)
+            record_identity(open_group(tmp, mode="r+"), identity, metadata)
+            result.mb_written = tree_bytes(tmp) / 1e6
+            install(tmp, final)
+        except IngestError:
+            raise
+        except ValueError as exc:  # ReaderError and friends
+            raise IngestError(_named(str(exc), source)) from exc
+        finally:
+            remove_tree(tmp)
     result.status = "written"
     result.shape = tuple(metadata["shape"])
     result.seconds = time.perf_counter() - started
