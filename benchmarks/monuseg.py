@@ -8,9 +8,10 @@ validates (it alone picks the checkpoint), 23 train. Then, as a user would run t
   ingest   pipelines.ingest.ingest_archive (mask components become instances)
   weights  pipelines.weightmaps.weights_archive (the paper's w0 = 10, sigma = 5 px borders)
   train    pipelines.train.train, registered in <workdir>/mlflow.db as monuseg-unet@champion
-  infer    pipelines.infer.infer_archive with models:/monuseg-unet@champion, four ways:
-           connected components; watershed separation; separation + test-time flips; and
-           the same dropping specks under 30 px; with `--target cells+boundaries` (background
+  infer    pipelines.infer.infer_archive with models:/monuseg-unet@champion, five ways:
+           connected components; watershed separation; separation + test-time flips; the
+           same dropping specks under 30 px; and "tuned", the setting chosen on the
+           training tiles (`VARIANTS`); with `--target cells+boundaries` (background
            / interior / boundary) also seeded from the interior class, plain and with flips
            and no specks. Dice and IoU score the foreground (class > 0).
 
@@ -64,8 +65,10 @@ ORGANS = {
 HELD_OUT = ["A7-A13E", "B0-5698", "18-5592", "CH-5767", "DK-A2I6", "AY-A8YK"]
 VALIDATION = ["B0-5710"]
 
-#: The same model's outputs four ways; the last is segflow's choice for H&E nuclei at 40x
-#: (specks under 30 px are not nuclei there: the smallest annotated ones have about 40).
+#: segflow's choice for H&E nuclei at 40x (specks under 50 px are not nuclei there: the
+#: smallest annotated ones have about 40, and few are that small).
+TUNED = "tuned"
+#: The same model's outputs five ways, the last segflow's choice (`TUNED`).
 VARIANTS = {
     "components": {},
     "watershed": {"separation": "watershed"},
@@ -74,6 +77,21 @@ VARIANTS = {
         "separation": "watershed",
         "test_time_augmentation": "flips",
         "min_object_size": 30,
+    },
+    # Chosen on the 24 training and validation tiles (never the held-out ones) with run5's
+    # champion: nucleus probability > 0.6 instead of argmax, watershed depth 6 px instead of
+    # 2 (large liver and prostate nuclei were over-split), specks under 50 px dropped. Training
+    # tiles, AJI 0.571 -> 0.587; dihedral TTA added 0.001 for twice the passes, filling holes
+    # nothing, connectivity 2 would join objects across the 4-connected cut lines.
+    # Held out, scored once with run5's model: AJI 0.509 -> 0.520, object F1 0.626 -> 0.642,
+    # Dice 0.761 -> 0.756 (the liver tile, where the model is least sure, 0.579 -> 0.521).
+    TUNED: {
+        "foreground_threshold": 0.6,
+        "separation": "watershed",
+        "separation_depth": 6.0,
+        "separation_halo": 48,  # the cut sees about one large nucleus (~35 px) around a chunk
+        "test_time_augmentation": "flips",
+        "min_object_size": 50,
     },
 }
 #: Added for a model with a boundary class (`--target cells+boundaries`): instances seeded
@@ -273,13 +291,15 @@ def main() -> None:
     )
     print("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"wall time {wall / 60:.1f} min")
-    best = max(means.values(), key=lambda m: m["aji"])
-    passed = best["dice"] >= 0.78 and best["aji"] >= 0.55 and wall <= 45 * 60
+    # Judged on the setting chosen on the training tiles: the best of the held-out columns
+    # would be a choice made on the held-out tiles.
+    chosen = means[TUNED]
+    passed = chosen["dice"] >= 0.78 and chosen["aji"] >= 0.55 and wall <= 45 * 60
     # Same model, same single pass: only the instance rule differs.
     separated = max(means[name]["aji"] for name in ("watershed", "boundary") if name in means)
     separation_wins = separated > means["components"]["aji"]
     print(
-        f"bar (Dice >= 0.78, AJI >= 0.55, <= 45 min): {'PASS' if passed else 'FAIL'}; "
+        f"bar ({TUNED}: Dice >= 0.78, AJI >= 0.55, <= 45 min): {'PASS' if passed else 'FAIL'}; "
         f"separation beats components on AJI: {'yes' if separation_wins else 'no'}"
     )
     print(

@@ -114,6 +114,9 @@ class InferConfig(BaseModel):
     #: Test-time averaging of the softmax over oriented passes (each an exact overlap-tile
     #: pass): "flips" (4 passes), "dihedral" (8: flips and 90-degree rotations).
     test_time_augmentation: OrientationSet = "none"
+    #: Foreground where the probability of not being background exceeds this (None: argmax,
+    #: the same as 0.5 for two classes); 0.6 suits the MoNuSeg model (benchmarks/monuseg.py).
+    foreground_threshold: float | None = Field(default=None, gt=0, lt=1)
     connectivity: Literal[1, 2] = 1
     #: Instances: the foreground's (class > 0) connected components ("none"), or after
     #: touching objects are cut apart by a watershed, each chunk seeing `separation_halo` px
@@ -294,6 +297,12 @@ def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
         "separation_depth": config.separation_depth,
         "separation_halo": config.separation_halo,
         "min_object_size": config.min_object_size,
+        # Recorded only when set, so outputs computed by argmax keep their identity.
+        **(
+            {"foreground_threshold": config.foreground_threshold}
+            if config.foreground_threshold is not None
+            else {}
+        ),
     }
 
 
@@ -336,6 +345,7 @@ def _jobs(
             batch_size=config.batch_size,
             precision=session.numerics.precision,
             skip_background=config.skip_background,
+            foreground_threshold=config.foreground_threshold,
         )
         yield block.name, (job,)
 

@@ -394,6 +394,17 @@ def test_orientations_round_trip_and_map_regions():
         assert torch.equal(oriented[:, a0:a1, c0:c1], orientation.apply(crop))
 
 
+def test_foreground_threshold_keeps_only_confident_pixels(tmp_path, model_file, client):
+    store = make_store(tmp_path / "s.zarr", smooth_image((120, 140), seed=9))
+    strict = config(probabilities="float16", foreground_threshold=0.6)
+    infer_slide(store, model_file, strict, client)
+    nucleus = zarr.open_array(store / "probabilities" / "0", mode="r")[1].astype(np.float32)
+    classes = SlideStore.open(store).segmentation[...]
+    decided = np.abs(nucleus - 0.6) > 1e-2  # float16 rounding at the threshold
+    np.testing.assert_array_equal(classes[decided], (nucleus > 0.6)[decided])
+    assert ((nucleus > 0.5) & (nucleus < 0.58)).any()  # pixels argmax would call foreground
+
+
 def test_watershed_separation_cuts_the_instances(tmp_path, model_file, client):
     store = make_store(tmp_path / "s.zarr", smooth_image((200, 230), seed=12))
     # The wiring (the cut itself is tested on real touching discs in test_separation.py). A
