@@ -3,6 +3,10 @@ slide stores by differentiable feature clustering (`segcore.bootstrap`).
 
 For an archive of unlabelled stores (ingested without label images):
 
+  scale     per slide, the mean and deviation of its stain feature over tissue (haematoxylin
+            for H&E, intensity for fluorescence; `segcore.clustering_input`), from the finest
+            pyramid level of at most 4 Mpx: what the network sees is that feature standardised
+            per slide
   sample    `n_tiles` tiles of `tile_size` px from the tissue of all slides, a slide's share
             its tissue area (seeded by `clustering.seed`, independent of the order stores are
             named in), so one network sees every slide
@@ -10,7 +14,8 @@ For an archive of unlabelled stores (ingested without label images):
             id means the same thing on every slide
   map       which clusters are nuclei: `nucleus` as given (e.g. nucleus=3,7), else the stated
             rule of `segcore.cluster_classes` over the clusters of the training tiles (darkest
-            haematoxylin for H&E, brightest for one-channel fluorescence)
+            haematoxylin for H&E, brightest for one-channel fluorescence: the highest mean of
+            the standardised feature)
   write     per store, block by block on Dask (`pipelines.cluster.map_bounded`), each block
             read with a halo of M px (`receptive_halo`) so the blocks equal the whole slide:
               labels/bootstrap     the cluster ids, uint8, an NGFF label with a full pyramid
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +86,7 @@ from segcore.cluster_classes import (
     propose_nucleus,
     stain_feature,
 )
+from segcore.clustering_input import SlideScale, clustering_input
 from segcore.store import (
     ANNOTATIONS,
     LABELS_GROUP,
@@ -89,8 +96,11 @@ from segcore.store import (
     zarr_location,
 )
 
-#: Bumped when the labels written for the same slides and settings change.
-BOOTSTRAP_FORMAT = 1
+#: Bumped when the labels written for the same slides and settings change (2: the network
+#: sees the stain feature standardised per slide, not RGB).
+BOOTSTRAP_FORMAT = 2
+#: The most pixels of the pyramid level a slide's stain scale is computed from.
+SCALE_PIXELS = 4 << 20
 BOOTSTRAP = "bootstrap"
 #: The stage's identity is recorded on the cluster label of each store.
 BOOTSTRAP_OUTPUT = StageOutput(f"{LABELS_GROUP}/{BOOTSTRAP}")
@@ -208,11 +218,30 @@ def _tissue_cells(slide: SlideStore) -> tuple[np.ndarray, int, int]:
     return np.empty(0, dtype=np.int64), 0, 0
 
 
+def slide_scale(slide: SlideStore) -> SlideScale:
+    """The slide's stain scale (`segcore.clustering_input`) over its tissue, from the finest
+    pyramid level of at most `SCALE_PIXELS` px (all of that level where there is no tissue
+    mask or no tissue)."""
+    sizes = [int(np.prod(slide.image(k).shape[1:])) for k in range(slide.n_levels)]
+    level = next((k for k, n in enumerate(sizes) if n <= SCALE_PIXELS), slide.n_levels - 1)
+    feature = stain_feature(read_checked(slide.image(level), (slice(None),) * 3))
+    on, columns, k = _tissue_cells(slide)
+    if not k:
+        return SlideScale.of(feature)
+    # Level px (r, c) lies in tissue cell (r * 2^level // k, c * 2^level // k).
+    rows = np.arange(feature.shape[0]) * 2**level // k
+    cols = np.arange(feature.shape[1]) * 2**level // k
+    cells = rows[:, None] * columns + np.minimum(cols, columns - 1)[None, :]
+    tissue = np.isin(cells, on)
+    return SlideScale.of(feature[tissue] if tissue.any() else feature)
+
+
 def sample_tiles(
     slides: Sequence[SlideStore], tile_size: int, n_tiles: int, seed: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[SlideStore]]:
     """(n_tiles, C, t, t) level-0 tiles centred on tissue (t: `tile_size`, or the smallest
-    slide side when smaller), each slide drawn in proportion to its tissue area."""
+    slide side when smaller), each slide drawn in proportion to its tissue area; and the slide
+    each tile came from."""
     slides = sorted(
         slides, key=lambda s: str(s.path.resolve() if isinstance(s.path, Path) else s.path)
     )
@@ -225,7 +254,7 @@ def sample_tiles(
         ]
     )
     rng = np.random.default_rng(seed)
-    tiles = []
+    tiles, owners = [], []
     for index in rng.choice(len(slides), size=n_tiles, p=area / area.sum()):
         slide, (on_tissue, columns, k) = slides[index], cells[index]
         height, width = slide.shape[1:]
@@ -238,22 +267,24 @@ def sample_tiles(
         x0 = int(np.clip(x - side // 2, 0, width - side))
         region = (slice(None), slice(y0, y0 + side), slice(x0, x0 + side))
         tiles.append(read_checked(slide.image(0), region))
-    return np.stack(tiles)
+        owners.append(slide)
+    return np.stack(tiles), owners
 
 
 def choose_nucleus(
-    network: ClusteringNetwork, tiles: np.ndarray, config: BootstrapConfig
+    network: ClusteringNetwork, inputs: np.ndarray, config: BootstrapConfig, stained: bool
 ) -> tuple[tuple[int, ...], str, list[float]]:
-    """(nucleus cluster ids, how they were chosen, each cluster's share of the tiles' px)."""
+    """(nucleus cluster ids, how they were chosen, each cluster's share of the tiles' px),
+    from the network's `inputs` (N, 1, t, t: the standardised stain feature of H&E tiles when
+    `stained`, of fluorescence tiles otherwise)."""
     n_clusters = config.clustering.n_clusters
-    clusters = np.stack([predict_clusters(network, tile, config.predict_tile) for tile in tiles])
+    clusters = np.stack([predict_clusters(network, x, config.predict_tile) for x in inputs])
     counts = np.bincount(clusters.ravel(), minlength=n_clusters)
     shares = (counts / counts.sum()).tolist()
     if config.nucleus is not None:
         return config.nucleus, "given", shares
-    feature = np.stack([stain_feature(tile) for tile in tiles])
-    means, counts = cluster_means(clusters, feature, n_clusters)
-    rule = "darkest haematoxylin" if tiles.shape[1] == 3 else "brightest intensity"
+    means, counts = cluster_means(clusters, inputs[:, 0], n_clusters)
+    rule = "darkest haematoxylin" if stained else "brightest intensity"
     return (propose_nucleus(means, counts, config.min_cluster_fraction),), rule, shares
 
 
@@ -270,14 +301,16 @@ def _cluster_block(
     nucleus_out: zarr.Array,
     region: Region,
     network: ClusteringNetwork,
+    scale: SlideScale,
     nucleus: tuple[int, ...],
     config: BootstrapConfig,
 ) -> np.ndarray:
-    """Cluster one block (read with the network's halo) into `clusters_out` and its nucleus
-    mask into `nucleus_out`; returns the block's pixels per cluster."""
+    """Cluster one block (read with the network's halo, scaled as its slide) into
+    `clusters_out` and its nucleus mask into `nucleus_out`; returns the block's pixels per
+    cluster."""
     halo = receptive_halo(config.clustering)
     grown, inner = ngff.grown_region(region, halo, image.shape)
-    pixels = read_checked(image, (slice(None), *grown))
+    pixels = clustering_input(read_checked(image, (slice(None), *grown)), scale)
     clusters = predict_clusters(network.to(config.device), pixels, config.predict_tile)[inner]
     ngff.writable(clusters_out)[region] = clusters
     ngff.writable(nucleus_out)[region] = foreground(clusters, nucleus).astype(np.uint32)
@@ -307,6 +340,7 @@ def _list_labels(store: Where, names: Sequence[str]) -> None:
 def write_bootstrap_labels(
     slide: SlideStore,
     network: ClusteringNetwork,
+    scale: SlideScale,
     nucleus: tuple[int, ...],
     config: BootstrapConfig,
     record: tuple[Identity, dict],
@@ -334,7 +368,7 @@ def write_bootstrap_labels(
         side = _block_side(chunk, config.block_size)
         regions = ngff.level_regions(shape, side)
         jobs = (
-            (region, (image, clusters[0], instances[0], region, network, nucleus, config))
+            (region, (image, clusters[0], instances[0], region, network, scale, nucleus, config))
             for region in regions
         )
         counts = np.zeros(config.clustering.n_clusters, dtype=np.int64)
@@ -349,6 +383,7 @@ def write_bootstrap_labels(
         metadata = {
             **metadata,
             "store": SLIDE_STORE.recorded_key(slide.path),
+            "stain_scale": {"mean": scale.mean, "std": scale.std},
             "n_instances": n_instances,
             "foreground_fraction": fraction,
             "slide_cluster_fractions": (counts / max(counts.sum(), 1)).tolist(),
@@ -385,23 +420,44 @@ def _skipped(store: Where, identity: Identity, seconds: float) -> BootstrapResul
     )
 
 
+@dataclass(frozen=True)
+class BootstrapTraining:
+    """One trained clustering: the run, its tiles as read and as the network saw them, and
+    the nucleus clusters with how they were chosen and each cluster's share of the tiles."""
+
+    run: ClusteringRun
+    tiles: np.ndarray
+    inputs: np.ndarray
+    nucleus: tuple[int, ...]
+    rule: str
+    shares: list[float]
+
+
 def train_bootstrap(
     slides: Sequence[SlideStore],
+    scales: dict[Where, SlideScale],
     config: BootstrapConfig,
     on_iteration: Callable[[int, float, int], None] | None = None,
-) -> tuple[ClusteringRun, np.ndarray, tuple[tuple[int, ...], str, list[float]]]:
-    """Sample the tiles, train the network and choose the nucleus clusters:
-    (the training run, its tiles, (nucleus ids, rule, cluster shares))."""
+) -> BootstrapTraining:
+    """Sample the tiles, train the network on their stain feature scaled per slide (`scales`,
+    by store) and choose the nucleus clusters."""
     channels = {slide.shape[0] for slide in slides}
     if len(channels) > 1:
         raise BootstrapError(
             f"{', '.join(str(s.path) for s in slides)}: slides with {sorted(channels)} "
             "channels; one network clusters slides of one kind (bootstrap them separately)"
         )
-    tiles = sample_tiles(slides, config.tile_size, config.n_tiles, config.clustering.seed)
-    run = fit_clustering(tiles, config.clustering, device=config.device, on_iteration=on_iteration)
+    tiles, owners = sample_tiles(slides, config.tile_size, config.n_tiles, config.clustering.seed)
+    inputs = np.stack(
+        [
+            clustering_input(tile, scales[slide.path])
+            for tile, slide in zip(tiles, owners, strict=True)
+        ]
+    )
+    run = fit_clustering(inputs, config.clustering, device=config.device, on_iteration=on_iteration)
     run.network.to("cpu")
-    return run, tiles, choose_nucleus(run.network, tiles, config)
+    nucleus, rule, shares = choose_nucleus(run.network, inputs, config, tiles.shape[1] == 3)
+    return BootstrapTraining(run, tiles, inputs, nucleus, rule, shares)
 
 
 def _bootstrap(
@@ -424,28 +480,34 @@ def _bootstrap(
         if store not in todo:
             results[store] = _skipped(store, identity, time.perf_counter() - start)
     if todo:
-        run, tiles, (nucleus, rule, shares) = train_bootstrap(list(slides.values()), config)
+        scales = {store: slide_scale(slide) for store, slide in slides.items()}
+        trained = train_bootstrap(list(slides.values()), scales, config)
+        run, nucleus, rule = trained.run, trained.nucleus, trained.rule
         mlflow_run = None
         if config.tracking_uri is not None:
             # Imported only when tracked: MLflow takes seconds to import.
             from pipelines.bootstrap_tracking import track_bootstrap
 
-            mlflow_run = track_bootstrap(
-                config.tracking_uri, config.settings(), run, tiles, nucleus, rule
-            )
+            mlflow_run = track_bootstrap(config.tracking_uri, config.settings(), trained)
         metadata = {
             "nucleus": list(nucleus),
             "rule": rule,
             "iterations": run.iterations,
             "final_labels": run.label_counts[-1],
-            "tile_cluster_fractions": shares,
+            "tile_cluster_fractions": trained.shares,
             "mlflow_run_id": mlflow_run,
         }
 
         def one(store: Where, bars: object) -> BootstrapResult:
             began = time.perf_counter()
             n_instances, fraction = write_bootstrap_labels(
-                slides[store], run.network, nucleus, config, (identity, metadata), client
+                slides[store],
+                run.network,
+                scales[store],
+                nucleus,
+                config,
+                (identity, metadata),
+                client,
             )
             return BootstrapResult(
                 store=store,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mlflow import MlflowClient
@@ -19,7 +20,10 @@ from skimage.segmentation import find_boundaries
 from pipelines.redaction import redact_tree
 from pipelines.runtime import artifact_root
 from pipelines.services import require_mlflow
-from segcore.bootstrap import ClusteringRun, predict_clusters
+from segcore.bootstrap import predict_clusters
+
+if TYPE_CHECKING:
+    from pipelines.bootstrap import BootstrapTraining
 
 EXPERIMENT = "segflow-bootstrap"
 #: MLflow takes at most 1000 metrics and 100 params per batch.
@@ -58,15 +62,9 @@ def overlay(tiles: np.ndarray, clusters: np.ndarray, nucleus: tuple[int, ...]) -
     return np.concatenate([rgb, coloured], axis=0)
 
 
-def track_bootstrap(
-    tracking_uri: str,
-    settings: dict,
-    run: ClusteringRun,
-    tiles: np.ndarray,
-    nucleus: tuple[int, ...],
-    rule: str,
-) -> str:
+def track_bootstrap(tracking_uri: str, settings: dict, trained: BootstrapTraining) -> str:
     """Record one bootstrap training in MLflow at `tracking_uri`; returns its run id."""
+    run, nucleus, rule = trained.run, trained.nucleus, trained.rule
     require_mlflow(tracking_uri)
     # Not `mlflow_client`, which is for reading: this writes, and may create the SQLite store.
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -90,8 +88,8 @@ def track_bootstrap(
     ]
     for start in range(0, len(metrics), _METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[start : start + _METRICS_PER_BATCH])
-    shown = tiles[:_OVERLAY_TILES]
-    clusters = np.stack([predict_clusters(run.network, tile) for tile in shown])
+    shown = trained.tiles[:_OVERLAY_TILES]
+    clusters = np.stack([predict_clusters(run.network, x) for x in trained.inputs[: len(shown)]])
     client.log_image(run_id, overlay(shown, clusters, nucleus), "overlay.png")
     client.set_terminated(run_id)
     return run_id

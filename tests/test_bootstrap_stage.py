@@ -16,13 +16,14 @@ from ome_zarr_models.v05 import Image
 from scipy import ndimage
 
 from flows.cli import main
-from pipelines.bootstrap import BootstrapConfig, bootstrap_archive, train_bootstrap
+from pipelines.bootstrap import BootstrapConfig, bootstrap_archive, slide_scale, train_bootstrap
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.ingest import IngestConfig, ingest_slide
 from pipelines.services import mlflow_client
 from pipelines.sources import SlideSource
 from pipelines.weightmaps import WeightsConfig, compute_weight_maps
 from segcore.bootstrap import ClusteringConfig, predict_clusters
+from segcore.clustering_input import clustering_input
 from segcore.store import SlideStore
 from segcore.synthetic import write_synthetic_slide
 from segcore.tissue import TissueConfig
@@ -79,10 +80,12 @@ def test_bootstrap_writes_valid_labels_equal_to_the_whole_slide(ingested, client
         for k in range(1, slide.n_levels):  # every level filled from the one above
             np.testing.assert_array_equal(group[str(k)][...], group[str(k - 1)][::2, ::2])
     # The same seed trains the same network; the whole slide at once equals the blocks.
-    run, _, (nucleus, rule, _) = train_bootstrap([slide], CONFIG)
+    scale = slide_scale(slide)
+    trained = train_bootstrap([slide], {slide.path: scale}, CONFIG)
+    run, nucleus, rule = trained.run, trained.nucleus, trained.rule
     assert result.nucleus == nucleus and rule == result.rule == "darkest haematoxylin"
     clusters = zarr.open_array(store / "labels" / "bootstrap" / "0", mode="r")[...]
-    whole = predict_clusters(run.network, slide.image(0)[...], tile=10_000)
+    whole = predict_clusters(run.network, clustering_input(slide.image(0)[...], scale), 10_000)
     np.testing.assert_array_equal(clusters, whole)
     instances = slide.annotations[...]
     nuclei = np.isin(clusters, nucleus)

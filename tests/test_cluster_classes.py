@@ -14,6 +14,7 @@ from segcore.cluster_classes import (
     propose_nucleus,
     stain_feature,
 )
+from segcore.clustering_input import SlideScale, clustering_input
 
 
 def test_cluster_ids_parse_from_text_and_lists():
@@ -59,3 +60,19 @@ def test_images_no_rule_fits_are_refused():
         stain_feature(np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(ClusterMappingError, match="no clustered pixels"):
         propose_nucleus(np.full(3, np.nan), np.zeros(3, np.int64))
+
+
+def test_clustering_input_is_the_stain_feature_standardised_per_slide():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 40, 50), dtype=np.uint8)
+    scale = SlideScale.of(stain_feature(image))
+    x = clustering_input(image, scale)
+    assert x.shape == (1, 40, 50) and x.dtype == np.float32
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-4
+    # Pixel by pixel: a block of the slide gets the values the whole slide gives there.
+    np.testing.assert_array_equal(clustering_input(image[:, 5:20, 7:31], scale), x[:, 5:20, 7:31])
+    # The worked example of the module docstring, on one-channel intensities.
+    example = clustering_input(np.array([[[9, 5]]], np.uint8), SlideScale(mean=5.0, std=2.0))
+    np.testing.assert_allclose(example, [[[2.0, 0.0]]])
+    with pytest.raises(ValueError, match="no pixels"):
+        SlideScale.of(np.empty(0))
