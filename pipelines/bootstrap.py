@@ -13,9 +13,9 @@ For an archive of unlabelled stores (ingested without label images):
   train     one clustering network on them (`segcore.bootstrap.fit_clustering`), so a cluster
             id means the same thing on every slide
   map       which clusters are nuclei: `nucleus` as given (e.g. nucleus=3,7), else the stated
-            rule of `segcore.cluster_classes` over the clusters of the training tiles (darkest
-            haematoxylin for H&E, brightest for one-channel fluorescence: the highest mean of
-            the standardised feature)
+            rule of `segcore.cluster_classes` over the clusters of the training tiles: every
+            cluster whose mean standardised feature (haematoxylin for H&E, intensity for
+            fluorescence) lies above Otsu's threshold of that feature over the tiles
   write     per store, block by block on Dask (`pipelines.cluster.map_bounded`), each block
             read with a halo of M px (`receptive_halo`) so the blocks equal the whole slide:
               labels/bootstrap     the cluster ids, uint8, an NGFF label with a full pyramid
@@ -48,6 +48,7 @@ from distributed import Client
 from ome_zarr.format import FormatV05
 from ome_zarr.writer import add_metadata, get_metadata
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from skimage.filters import threshold_otsu
 
 from pipelines.cluster import ClusterConfig, dask_client, default_in_flight, map_bounded
 from pipelines.components import label_foreground
@@ -83,7 +84,7 @@ from segcore.cluster_classes import (
     cluster_means,
     foreground,
     parse_cluster_ids,
-    propose_nucleus,
+    propose_nuclei,
     stain_feature,
 )
 from segcore.clustering_input import SlideScale, clustering_input
@@ -125,9 +126,11 @@ class BootstrapConfig(BaseModel):
     #: Training tiles drawn from the tissue of all slides together.
     n_tiles: int = Field(default=32, ge=1)
     #: The nucleus clusters (e.g. 3,7); None: proposed by the stated rule
-    #: (segcore.cluster_classes: darkest haematoxylin for H&E, brightest for fluorescence).
+    #: (segcore.cluster_classes.propose_nuclei: the clusters whose mean haematoxylin, or
+    #: intensity for fluorescence, lies above Otsu's threshold).
     nucleus: tuple[int, ...] | None = None
-    #: The rule passes over clusters holding less than this fraction of the tiles' pixels.
+    #: When no cluster's mean is above the threshold, the rule takes the darkest of those
+    #: holding at least this fraction of the tiles' pixels.
     min_cluster_fraction: float = Field(default=0.01, ge=0, lt=1)
     #: Where the network trains and runs ("cpu", "cuda", "cuda:1", "mps").
     device: str = "cpu"
@@ -283,9 +286,12 @@ def choose_nucleus(
     shares = (counts / counts.sum()).tolist()
     if config.nucleus is not None:
         return config.nucleus, "given", shares
-    means, counts = cluster_means(clusters, inputs[:, 0], n_clusters)
-    rule = "darkest haematoxylin" if stained else "brightest intensity"
-    return (propose_nucleus(means, counts, config.min_cluster_fraction),), rule, shares
+    feature = inputs[:, 0]
+    means, counts = cluster_means(clusters, feature, n_clusters)
+    rule = "haematoxylin above Otsu" if stained else "intensity above Otsu"
+    threshold = float(threshold_otsu(feature)) if np.ptp(feature) > 0 else float(feature.max())
+    nucleus = propose_nuclei(means, counts, threshold, config.min_cluster_fraction)
+    return nucleus, rule, shares
 
 
 # --- one store: cluster block by block, label, build pyramids, install ---------------------

@@ -83,7 +83,7 @@ def test_bootstrap_writes_valid_labels_equal_to_the_whole_slide(ingested, client
     scale = slide_scale(slide)
     trained = train_bootstrap([slide], {slide.path: scale}, CONFIG)
     run, nucleus, rule = trained.run, trained.nucleus, trained.rule
-    assert result.nucleus == nucleus and rule == result.rule == "darkest haematoxylin"
+    assert result.nucleus == nucleus and rule == result.rule == "haematoxylin above Otsu"
     clusters = zarr.open_array(store / "labels" / "bootstrap" / "0", mode="r")[...]
     whole = predict_clusters(run.network, clustering_input(slide.image(0)[...], scale), 10_000)
     np.testing.assert_array_equal(clusters, whole)

@@ -1,5 +1,5 @@
 """Cluster -> class mapping (segcore.cluster_classes): given ids, and the stated automatic rule
-(darkest haematoxylin for H&E, brightest for fluorescence)."""
+(clusters above Otsu's threshold of haematoxylin or intensity, else the darkest)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from segcore.cluster_classes import (
     cluster_means,
     foreground,
     parse_cluster_ids,
+    propose_nuclei,
     propose_nucleus,
     stain_feature,
 )
@@ -76,3 +77,12 @@ def test_clustering_input_is_the_stain_feature_standardised_per_slide():
     np.testing.assert_allclose(example, [[[2.0, 0.0]]])
     with pytest.raises(ValueError, match="no pixels"):
         SlideScale.of(np.empty(0))
+
+
+def test_the_clusters_above_otsus_threshold_are_nuclei():
+    """The module docstring's worked example, and the fallback when none is above."""
+    means = np.array([0.01, 0.09, 0.04, np.nan])
+    counts = np.array([60, 25, 15, 0])
+    assert propose_nuclei(means, counts, threshold=0.03) == (1, 2)
+    assert propose_nucleus(means, counts) == 1
+    assert propose_nuclei(means, counts, threshold=0.5) == (1,)
