@@ -12,10 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from server_helpers import free_port
 
 from pipelines.location import ObjectStorageConfig, ObjectUrl, parse_location
+from segcore.synthetic import write_synthetic_slide
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 CREDENTIALS = {"key": "testing", "secret": "testing-secret", "region": "eu-west-1"}
@@ -68,3 +71,15 @@ def objects(prefix: ObjectUrl) -> dict[str, bytes]:
         key.removeprefix(f"{prefix.path}/"): fs.cat_file(key)
         for key in sorted(fs.find(prefix.path))
     }
+
+
+def write_small_archive(folder: Path) -> Path:
+    """`folder` holding a labelled tiled TIFF slide (s1) and a PNG with its mask (p1)."""
+    write_synthetic_slide(folder / "s1.tif", folder / "s1_labels.tif", 300, 420, seed=3, tile=128)
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(folder / "p1.png")
+    mask = np.zeros((200, 260), np.uint8)
+    mask[40:90, 50:120] = 255
+    mask[120:180, 150:230] = 255
+    Image.fromarray(mask).save(folder / "p1_mask.png")
+    return folder

@@ -21,10 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-from s3_helpers import CREDENTIALS, new_bucket, objects, upload
+from s3_helpers import CREDENTIALS, new_bucket, objects, upload, write_small_archive
 from server_helpers import free_port
 
 from flows.cli import main
@@ -41,7 +39,6 @@ from pipelines.location import (
 from pipelines.runtime import Runtime
 from pipelines.sources import find_slides
 from pipelines.staging import StagingCache
-from segcore.synthetic import write_synthetic_slide
 
 SEGFLOW = Path(sys.executable).with_name("segflow")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -51,15 +48,7 @@ SMALL = IngestConfig(chunk_size=128, region_chunks=2, min_level_size=128)
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """A labelled tiled TIFF slide and a PNG with its mask."""
-    folder = tmp_path_factory.mktemp("archive")
-    write_synthetic_slide(folder / "s1.tif", folder / "s1_labels.tif", 300, 420, seed=3, tile=128)
-    rng = np.random.default_rng(5)
-    Image.fromarray(rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(folder / "p1.png")
-    mask = np.zeros((200, 260), np.uint8)
-    mask[40:90, 50:120] = 255
-    mask[120:180, 150:230] = 255
-    Image.fromarray(mask).save(folder / "p1_mask.png")
-    return folder
+    return write_small_archive(tmp_path_factory.mktemp("archive"))
 
 
 @pytest.fixture(scope="module")

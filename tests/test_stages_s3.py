@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from s3_helpers import new_bucket, objects, upload
+from s3_helpers import new_bucket, objects, upload, write_small_archive
 
 from pipelines.bootstrap import BootstrapConfig, bootstrap_archive
 from pipelines.cluster import ClusterConfig, dask_client
@@ -35,15 +35,7 @@ TIMESTAMPS = {"written_at", "ingested_at"}
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     """A labelled tiled TIFF slide and a PNG with its mask."""
-    folder = tmp_path_factory.mktemp("archive")
-    write_synthetic_slide(folder / "s1.tif", folder / "s1_labels.tif", 300, 420, seed=3, tile=128)
-    rng = np.random.default_rng(5)
-    Image.fromarray(rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)).save(folder / "p1.png")
-    mask = np.zeros((200, 260), np.uint8)
-    mask[40:90, 50:120] = 255
-    mask[120:180, 150:230] = 255
-    Image.fromarray(mask).save(folder / "p1_mask.png")
-    return folder
+    return write_small_archive(tmp_path_factory.mktemp("archive"))
 
 
 @pytest.fixture(scope="module")
