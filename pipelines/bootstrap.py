@@ -3,10 +3,10 @@ slide stores by differentiable feature clustering (`segcore.bootstrap`).
 
 For an archive of unlabelled stores (ingested without label images):
 
-  scale     per slide, the mean and deviation of its stain feature over tissue (haematoxylin
-            for H&E, intensity for fluorescence; `segcore.clustering_input`), from the finest
-            pyramid level of at most 4 Mpx: what the network sees is that feature standardised
-            per slide
+  scale     per slide, the Otsu threshold and deviation of its stain feature over tissue
+            (haematoxylin for H&E, intensity for fluorescence; `segcore.clustering_input`),
+            from the finest pyramid level of at most 4 Mpx: what the network sees is that
+            feature centred and scaled per slide
   sample    `n_tiles` tiles of `tile_size` px from the tissue of all slides, a slide's share
             its tissue area (seeded by `clustering.seed`, independent of the order stores are
             named in), so one network sees every slide
@@ -97,9 +97,10 @@ from segcore.store import (
     zarr_location,
 )
 
-#: Bumped when the labels written for the same slides and settings change (2: the network
-#: sees the stain feature standardised per slide, not RGB).
-BOOTSTRAP_FORMAT = 2
+#: Bumped when the labels written for the same slides and settings change (3: the network
+#: sees the stain feature centred and scaled per slide, not RGB; nuclei are the clusters
+#: above Otsu's threshold).
+BOOTSTRAP_FORMAT = 3
 #: The most pixels of the pyramid level a slide's stain scale is computed from.
 SCALE_PIXELS = 4 << 20
 BOOTSTRAP = "bootstrap"
@@ -389,7 +390,7 @@ def write_bootstrap_labels(
         metadata = {
             **metadata,
             "store": SLIDE_STORE.recorded_key(slide.path),
-            "stain_scale": {"mean": scale.mean, "std": scale.std},
+            "stain_scale": {"centre": scale.centre, "std": scale.std},
             "n_instances": n_instances,
             "foreground_fraction": fraction,
             "slide_cluster_fractions": (counts / max(counts.sum(), 1)).tolist(),

@@ -69,11 +69,14 @@ def test_clustering_input_is_the_stain_feature_standardised_per_slide():
     scale = SlideScale.of(stain_feature(image))
     x = clustering_input(image, scale)
     assert x.shape == (1, 40, 50) and x.dtype == np.float32
-    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-4
+    # Centred on the slide's Otsu threshold: positive exactly where the feature is above it.
+    feature = stain_feature(image)
+    np.testing.assert_array_equal(x[0] > 0, feature > scale.centre)
+    assert abs(float(x.std()) - 1) < 1e-4
     # Pixel by pixel: a block of the slide gets the values the whole slide gives there.
     np.testing.assert_array_equal(clustering_input(image[:, 5:20, 7:31], scale), x[:, 5:20, 7:31])
     # The worked example of the module docstring, on one-channel intensities.
-    example = clustering_input(np.array([[[9, 5]]], np.uint8), SlideScale(mean=5.0, std=2.0))
+    example = clustering_input(np.array([[[9, 5]]], np.uint8), SlideScale(centre=5.0, std=2.0))
     np.testing.assert_allclose(example, [[[2.0, 0.0]]])
     with pytest.raises(ValueError, match="no pixels"):
         SlideScale.of(np.empty(0))
