@@ -2,7 +2,8 @@
 
     segflow ingest SLIDES_OR_FOLDERS... [--config ingest.yaml] [key=value ...]
     segflow ingest IMAGE --labels LABELS | --manifest pairs.csv   explicit image/label pairs
-    segflow bootstrap [STORES_OR_FOLDERS...] [--config bootstrap.yaml] [nucleus=3,7 ...]
+    segflow bootstrap [STORES_OR_FOLDERS...] [--scribbles FOLDER] [--config bootstrap.yaml]
+                      [nucleus=3,7 ...]
     segflow weights [STORES_OR_FOLDERS...] [--config weights.yaml] [key=value ...]
     segflow train [STORES_OR_FOLDERS...] [--config train.yaml] [key=value ...]
     segflow infer [STORES_OR_FOLDERS...] [--model URI] [--archive DIR] [--config infer.yaml] ...
@@ -75,13 +76,14 @@ def _kv(command: str) -> str:
 
 def _stores_command(
     commands: argparse._SubParsersAction, name: str, summary: str, stores: str, config_help: str
-) -> None:
+) -> argparse.ArgumentParser:
     """A command over stores, or folders of stores, and key=value overrides."""
     parser = commands.add_parser(name, help=summary)
     parser.add_argument(
         "items", nargs="*", metavar="STORE|FOLDER|key=value", help=f"{stores}; " + _kv(name)
     )
     _common(parser, config_help)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--manifest", type=Path, help=MANIFEST_HELP)
     _common(ingest, "YAML file of IngestConfig fields")
 
-    _stores_command(
+    bootstrap = _stores_command(
         commands,
         "bootstrap",
         "training labels for unlabelled stores by unsupervised clustering",
         "stores, or folders of stores of which the unlabelled ones (default: <workdir>/stores)",
         "YAML file of BootstrapConfig fields",
+    )
+    bootstrap.add_argument(
+        "--scribbles",
+        type=Path,
+        metavar="FOLDER",
+        help="stroke images (PNG/TIFF) named after their stores (a.png for a.zarr): 0 = no "
+        "stroke, k pins the stroked pixels to cluster k (e.g. 1 on nuclei with nucleus=1)",
     )
     _stores_command(
         commands,
@@ -326,11 +335,16 @@ def _ingest(args, runtime, paths, overrides) -> int:
 def _bootstrap(args, runtime, paths, overrides) -> int:
     from flows.pipeline import bootstrap_flow
     from pipelines.bootstrap import BootstrapConfig
+    from pipelines.scribbles import scribble_files
     from pipelines.sources import find_stores
 
     config = load(BootstrapConfig, args.config, overrides)
     stores = find_stores(paths or [runtime.stores_dir])
-    return _run(args, runtime, bootstrap_flow, stores=stores, bootstrap=config)
+    if args.scribbles is not None:
+        scribble_files(args.scribbles, stores)  # a misnamed stroke image fails before a flow
+    return _run(
+        args, runtime, bootstrap_flow, stores=stores, bootstrap=config, scribbles=args.scribbles
+    )
 
 
 def _weights(args, runtime, paths, overrides) -> int:

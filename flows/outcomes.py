@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("ingest", "bootstrap", "weights", "train", "infer")
+STAGES = ("ingest", "scribbles", "bootstrap", "weights", "train", "infer")
 #: "cached": Prefect's task cache answered (inputs unchanged); "skipped": the stage's own
 #: check found its output current; "written": the stage did the work.
 DONE = ("written", "skipped", "cached")

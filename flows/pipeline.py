@@ -1,7 +1,7 @@
 """The Prefect flows: each stage alone, and `pipeline_flow` end to end.
 
     ingest_flow    slides (files or folders) -> one OME-Zarr store per slide
-    bootstrap_flow unlabelled stores -> labels/bootstrap + labels/annotations by clustering
+    bootstrap_flow unlabelled stores (+ stroke images) -> labels/bootstrap + labels/annotations
     weights_flow   labelled stores -> training/target + training/weight
     train_flow     stores -> MLflow run + registered version (champion if it validates better)
     infer_flow     stores (and/or new slides) -> labels/segmentation with the pinned champion
@@ -15,6 +15,8 @@ failed runs catches it), its artifact still showing every slide.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -31,6 +33,7 @@ from pipelines.location import Location, Where
 from pipelines.models import pin_model_uri
 from pipelines.redaction import redact_text, redact_uri
 from pipelines.runtime import Runtime
+from pipelines.scribbles import import_scribble_folder
 from pipelines.sources import SlideSource, find_slides, find_stores, ready_stores
 from pipelines.training.config import DEFAULT_MODEL_NAME, TrainConfig
 from pipelines.training.result import TrainResult
@@ -184,12 +187,19 @@ def bootstrap_flow(
     stores: list[Location],
     bootstrap: BootstrapConfig = DEFAULT_BOOTSTRAP,
     runtime: Runtime = DEFAULT_RUNTIME,
+    scribbles: Path | None = None,
 ) -> RunSummary:
     """Training labels for unlabelled stores (store paths, or folders of stores, of which the
-    unlabelled ones), by one clustering network trained on all of them."""
+    unlabelled ones), by one clustering network trained on all of them; guided by the stroke
+    images in the folder `scribbles`, named after their stores (pipelines.scribbles)."""
     runtime = runtime.resolved()
     summary = RunSummary("bootstrap")
     unlabelled = ready_stores(stores, is_unlabelled, "is unlabelled (ingested without labels)")
+    if scribbles is not None:
+        imported = import_scribble_folder(scribbles, unlabelled)
+        summary.outcomes += [
+            StageOutcome("scribbles", r.name, r.status, r.seconds, r.store) for r in imported
+        ]
     summary.outcomes += [o for o, _ in run_bootstrap(unlabelled, bootstrap, runtime)]
     return _finish(summary)
 

@@ -33,6 +33,7 @@ from pipelines.cluster import scheduler_kept
 from pipelines.infer import InferResult, Segmenter
 from pipelines.ingest import SLIDE_STORE, IngestConfig, IngestResult, SlideSource, ingest_slide
 from pipelines.location import ObjectUrl, Where
+from pipelines.scribbles import SCRIBBLES_OUTPUT
 from pipelines.training.config import TrainConfig
 from pipelines.training.result import TrainResult
 from pipelines.weightmaps import WEIGHT_MAPS, WeightsConfig, WeightsResult, compute_weight_maps
@@ -109,8 +110,12 @@ def weights_task(store: Where, config: WeightsConfig, client: Client | None) -> 
 
 def _bootstrap_key(context: TaskRunContext, parameters: dict) -> str:
     config: BootstrapConfig = parameters["config"]
+    stores = parameters["stores"]
     return digest(
-        "bootstrap", output_identity(parameters["stores"], SLIDE_STORE), config.settings()
+        "bootstrap",
+        output_identity(stores, SLIDE_STORE),
+        output_identity(stores, SCRIBBLES_OUTPUT),
+        config.settings(),
     )
 
 

@@ -9,9 +9,12 @@ For an archive of unlabelled stores (ingested without label images):
             feature centred and scaled per slide
   sample    `n_tiles` tiles of `tile_size` px from the tissue of all slides, a slide's share
             its tissue area (seeded by `clustering.seed`, independent of the order stores are
-            named in), so one network sees every slide
+            named in), so one network sees every slide; where stores hold scribbles
+            (`pipelines.scribbles`), half the tiles (rounded up) are centred on stroked pixels
+            instead, each stroke value in turn
   train     one clustering network on them (`segcore.bootstrap.fit_clustering`), so a cluster
-            id means the same thing on every slide
+            id means the same thing on every slide; with scribbles, the strokes under each
+            tile pin their pixels to the stroke's cluster (the paper's scribble loss)
   map       which clusters are nuclei: `nucleus` as given (e.g. nucleus=3,7), else the stated
             rule of `segcore.cluster_classes` over the clusters of the training tiles: every
             cluster whose mean standardised feature (haematoxylin for H&E, intensity for
@@ -26,8 +29,9 @@ For an archive of unlabelled stores (ingested without label images):
             (`pipelines.storage.install`), in a local store or one on object storage alike.
 
 The identity recorded on `labels/bootstrap` (`BOOTSTRAP_OUTPUT`) holds the ingest identity of
-every store trained on and the settings: a rerun on the same archive is "skipped" without
-training, and a changed setting or another set of slides redoes every store. A store ingested
+every store trained on, the identity of their scribbles where they have some, and the
+settings: a rerun on the same archive is "skipped" without training, and a changed setting,
+new strokes or another set of slides redoes every store. A store ingested
 with a label image is refused (its annotations are real ones, never overwritten).
 
 Worked example, two 6000 x 4000 slides in 1024 px chunks, defaults: 32 tiles of 256 px from
@@ -45,8 +49,6 @@ from pathlib import Path
 import numpy as np
 import zarr
 from distributed import Client
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import add_metadata, get_metadata
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from skimage.filters import threshold_otsu
 
@@ -56,6 +58,7 @@ from pipelines.config import output_settings
 from pipelines.ingest import SLIDE_STORE
 from pipelines.location import Where, parse_location
 from pipelines.runtime import Runtime
+from pipelines.scribbles import StrokeIndex, recorded_strokes, scribbles_key, stroke_index
 from pipelines.stage import (
     Identity,
     StageOutput,
@@ -73,6 +76,7 @@ from pipelines.storage import (
 )
 from segcore import ngff
 from segcore.bootstrap import (
+    UNSTROKED,
     ClusteringConfig,
     ClusteringNetwork,
     ClusteringRun,
@@ -180,7 +184,7 @@ class BootstrapResult(StageResult):
 # --- the archive: open, identify, sample, train, map ---------------------------------------
 
 
-def _open_unlabelled(path: Where) -> SlideStore:
+def _open_unlabelled(path: Where, n_clusters: int) -> SlideStore:
     slide = SlideStore.open(path)
     if slide.metadata.get("labels") is not None:
         raise BootstrapError(
@@ -190,6 +194,12 @@ def _open_unlabelled(path: Where) -> SlideStore:
     image = slide.verified(slide.image(0))
     if image.dtype.name not in _IMAGE_DTYPES:
         raise BootstrapError(f"{path}: image pixel type {image.dtype} (uint8 or uint16)")
+    strokes = recorded_strokes(path)  # strokes the stage cannot identify fail the store here
+    if strokes and max(strokes) >= n_clusters:
+        raise BootstrapError(
+            f"{path}: stroke value {max(strokes)} has no cluster: the network has {n_clusters} "
+            f"(strokes 1..{n_clusters - 1}, 0 = no stroke)"
+        )
     return slide
 
 
@@ -200,13 +210,17 @@ def is_unlabelled(store: Where) -> bool:
 
 
 def archive_identity(slides: Sequence[SlideStore], config: BootstrapConfig) -> Identity:
-    """The slides trained on (their ingest identities, in sorted order) and the settings."""
-    keys = sorted(SLIDE_STORE.recorded_key(slide.path) or slide.name for slide in slides)
+    """The slides trained on (their ingest identities, in sorted order), the identities of
+    their scribbles (only where some have them) and the settings."""
+    keys = {slide.path: SLIDE_STORE.recorded_key(slide.path) or slide.name for slide in slides}
+    inputs: dict = {"stores": sorted(keys.values())}
+    strokes = sorted(
+        [keys[slide.path], key] for slide in slides if (key := scribbles_key(slide.path))
+    )
+    if strokes:
+        inputs["scribbles"] = strokes
     return Identity(
-        stage="bootstrap",
-        format=BOOTSTRAP_FORMAT,
-        inputs={"stores": keys},
-        settings=config.settings(),
+        stage="bootstrap", format=BOOTSTRAP_FORMAT, inputs=inputs, settings=config.settings()
     )
 
 
@@ -240,15 +254,61 @@ def slide_scale(slide: SlideStore) -> SlideScale:
     return SlideScale.of(feature[tissue] if tissue.any() else feature)
 
 
+@dataclass(frozen=True)
+class SampledTiles:
+    """Training tiles (N, C, t, t) as read from level 0, the slide each came from, and the
+    strokes under each (N, t, t; `UNSTROKED` everywhere without scribbles: then None)."""
+
+    tiles: np.ndarray
+    owners: list[SlideStore]
+    scribbles: np.ndarray | None
+
+
+def _tissue_centre(
+    slide: SlideStore, cells: tuple[np.ndarray, int, int], rng: np.random.Generator
+) -> tuple[int, int]:
+    on_tissue, columns, k = cells
+    if k:
+        cy, cx = divmod(int(rng.choice(on_tissue)), columns)
+        return cy * k + int(rng.integers(k)), cx * k + int(rng.integers(k))
+    height, width = slide.shape[1:]
+    return int(rng.integers(height)), int(rng.integers(width))
+
+
+def _stroke_centres(
+    slides: Sequence[SlideStore], strokes: dict[Where, StrokeIndex], n: int, seed: int
+) -> list[tuple[int, int, int]]:
+    """`n` (slide index, y, x) on stroked pixels: the stroke values in turn (so a value
+    drawn on a few pixels is trained on as often as one drawn on many), a slide by its pixels
+    of that value, then one of those pixels, each equally likely."""
+    values = sorted({v for index in strokes.values() for v in index.counts})
+    rng = np.random.default_rng([seed, 1])  # apart from the tissue draws' generator
+    centres = []
+    for k in range(n):
+        value = values[k % len(values)]
+        totals = np.array(
+            [strokes[s.path].total(value) if s.path in strokes else 0 for s in slides]
+        )
+        i = int(rng.choice(len(slides), p=totals / totals.sum()))
+        centres.append((i, *strokes[slides[i].path].draw(value, rng)))
+    return centres
+
+
 def sample_tiles(
-    slides: Sequence[SlideStore], tile_size: int, n_tiles: int, seed: int
-) -> tuple[np.ndarray, list[SlideStore]]:
-    """(n_tiles, C, t, t) level-0 tiles centred on tissue (t: `tile_size`, or the smallest
-    slide side when smaller), each slide drawn in proportion to its tissue area; and the slide
-    each tile came from."""
+    slides: Sequence[SlideStore],
+    tile_size: int,
+    n_tiles: int,
+    seed: int,
+    strokes: dict[Where, StrokeIndex] | None = None,
+) -> SampledTiles:
+    """`n_tiles` level-0 tiles of side t (`tile_size`, or the smallest slide side when
+    smaller): centred on tissue, each slide drawn in proportion to its tissue area; with
+    `strokes` (by store), half of them (rounded up, at least one per stroke value where the
+    tiles allow) centred on stroked pixels instead (`_stroke_centres`)."""
     slides = sorted(
         slides, key=lambda s: str(s.path.resolve() if isinstance(s.path, Path) else s.path)
     )
+    strokes = strokes or {}
     side = min(tile_size, *(min(s.shape[1:]) for s in slides))
     cells = [_tissue_cells(s) for s in slides]
     area = np.array(
@@ -257,22 +317,29 @@ def sample_tiles(
             for (on, _, k), s in zip(cells, slides, strict=True)
         ]
     )
+    values = {v for index in strokes.values() for v in index.counts}
+    n_stroked = min(n_tiles, max((n_tiles + 1) // 2, len(values))) if strokes else 0
+    centres = _stroke_centres(slides, strokes, n_stroked, seed)
     rng = np.random.default_rng(seed)
-    tiles, owners = [], []
-    for index in rng.choice(len(slides), size=n_tiles, p=area / area.sum()):
-        slide, (on_tissue, columns, k) = slides[index], cells[index]
+    for index in rng.choice(len(slides), size=n_tiles - len(centres), p=area / area.sum()):
+        centres.append((int(index), *_tissue_centre(slides[index], cells[index], rng)))
+    tiles, owners, windows = [], [], []
+    for index, y, x in centres:
+        slide = slides[index]
         height, width = slide.shape[1:]
-        if k:
-            cy, cx = divmod(int(rng.choice(on_tissue)), columns)
-            y, x = cy * k + int(rng.integers(k)), cx * k + int(rng.integers(k))
-        else:
-            y, x = int(rng.integers(height)), int(rng.integers(width))
         y0 = int(np.clip(y - side // 2, 0, height - side))
         x0 = int(np.clip(x - side // 2, 0, width - side))
-        region = (slice(None), slice(y0, y0 + side), slice(x0, x0 + side))
-        tiles.append(read_checked(slide.image(0), region))
+        region = (slice(y0, y0 + side), slice(x0, x0 + side))
+        tiles.append(read_checked(slide.image(0), (slice(None), *region)))
         owners.append(slide)
-    return np.stack(tiles), owners
+        if strokes:
+            index_of = strokes.get(slide.path)
+            windows.append(
+                index_of.window(y0, x0, side)
+                if index_of is not None
+                else np.full((side, side), UNSTROKED, np.uint8)
+            )
+    return SampledTiles(np.stack(tiles), owners, np.stack(windows) if windows else None)
 
 
 def choose_nucleus(
@@ -334,16 +401,6 @@ def _fill_pyramid(levels: list[zarr.Array], chunk: int, client: Client | None) -
             pass
 
 
-def _list_labels(store: Where, names: Sequence[str]) -> None:
-    """Name `names` in the store's `labels` group listing (once each)."""
-    labels = open_group(store / LABELS_GROUP, mode="r+")
-    listed = get_metadata(labels).get("labels", [])
-    wanted = listed + [n for n in names if n not in listed]
-    if wanted != listed:
-        fmt = FormatV05()
-        add_metadata(labels, {"version": fmt.version, "labels": wanted}, fmt=fmt)
-
-
 def write_bootstrap_labels(
     slide: SlideStore,
     network: ClusteringNetwork,
@@ -402,7 +459,7 @@ def write_bootstrap_labels(
             target = slide.path / LABELS_GROUP / name
             remove_stale_siblings(target)
             install(work / LABELS_GROUP / name, target)
-        _list_labels(slide.path, (ANNOTATIONS, BOOTSTRAP))
+        ngff.list_labels(open_group(slide.path / LABELS_GROUP, mode="r+"), (ANNOTATIONS, BOOTSTRAP))
     finally:
         remove_tree(work)
     reconsolidate(slide.path)
@@ -435,6 +492,7 @@ class BootstrapTraining:
     run: ClusteringRun
     tiles: np.ndarray
     inputs: np.ndarray
+    scribbles: np.ndarray | None
     nucleus: tuple[int, ...]
     rule: str
     shares: list[float]
@@ -447,24 +505,35 @@ def train_bootstrap(
     on_iteration: Callable[[int, float, int], None] | None = None,
 ) -> BootstrapTraining:
     """Sample the tiles, train the network on their stain feature scaled per slide (`scales`,
-    by store) and choose the nucleus clusters."""
+    by store), guided by the slides' scribbles where they have some, and choose the nucleus
+    clusters."""
     channels = {slide.shape[0] for slide in slides}
     if len(channels) > 1:
         raise BootstrapError(
             f"{', '.join(str(s.path) for s in slides)}: slides with {sorted(channels)} "
             "channels; one network clusters slides of one kind (bootstrap them separately)"
         )
-    tiles, owners = sample_tiles(slides, config.tile_size, config.n_tiles, config.clustering.seed)
+    strokes = {s.path: index for s in slides if (index := stroke_index(s.path)) is not None}
+    sampled = sample_tiles(
+        slides, config.tile_size, config.n_tiles, config.clustering.seed, strokes
+    )
     inputs = np.stack(
         [
             clustering_input(tile, scales[slide.path])
-            for tile, slide in zip(tiles, owners, strict=True)
+            for tile, slide in zip(sampled.tiles, sampled.owners, strict=True)
         ]
     )
-    run = fit_clustering(inputs, config.clustering, device=config.device, on_iteration=on_iteration)
+    run = fit_clustering(
+        inputs,
+        config.clustering,
+        scribbles=sampled.scribbles,
+        device=config.device,
+        on_iteration=on_iteration,
+    )
     run.network.to("cpu")
-    nucleus, rule, shares = choose_nucleus(run.network, inputs, config, tiles.shape[1] == 3)
-    return BootstrapTraining(run, tiles, inputs, nucleus, rule, shares)
+    stained = sampled.tiles.shape[1] == 3
+    nucleus, rule, shares = choose_nucleus(run.network, inputs, config, stained)
+    return BootstrapTraining(run, sampled.tiles, inputs, sampled.scribbles, nucleus, rule, shares)
 
 
 def _bootstrap(
@@ -475,7 +544,7 @@ def _bootstrap(
     slides: dict[Where, SlideStore] = {}
     for store in stores:
         try:
-            slides[store] = _open_unlabelled(store)
+            slides[store] = _open_unlabelled(store, config.clustering.n_clusters)
         except Exception as exc:
             line = error_line(store, exc)
             results[store] = BootstrapResult(store=store, status="failed", error=line)
@@ -501,6 +570,9 @@ def _bootstrap(
             "rule": rule,
             "iterations": run.iterations,
             "final_labels": run.label_counts[-1],
+            "stroked_pixels": (
+                0 if trained.scribbles is None else int((trained.scribbles != UNSTROKED).sum())
+            ),
             "tile_cluster_fractions": trained.shares,
             "mlflow_run_id": mlflow_run,
         }

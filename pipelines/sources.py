@@ -289,7 +289,8 @@ def source_files(path: Where) -> list[Where]:
     return files
 
 
-def _sha256(path: Where) -> str:
+def sha256_of(path: Where) -> str:
+    """The sha256 of a file's (an object's) content, streamed."""
     digest = hashlib.sha256()
     with open_binary(path) as fh:
         while block := fh.read(1 << 22):
@@ -304,7 +305,7 @@ def file_checksums(source: SlideSource, image: Where | None = None) -> dict[str,
     paths = images + ([source.labels] if source.labels else [])
     read = {images[0]: image} if image is not None else {}
     try:
-        return {str(p): _sha256(read.get(p, p)) for p in paths}
+        return {str(p): sha256_of(read.get(p, p)) for p in paths}
     except OSError as exc:
         raise IngestError(f"{exc.filename or source.image}: cannot read ({exc.strerror})") from exc
 

@@ -32,6 +32,12 @@ Deviations, each for running the network slide by slide rather than on one photo
   - one network is trained on a batch of tiles (`batch_size` drawn per iteration from the
     tiles given, seeded), as in the paper's extension to unseen images, so that a cluster id
     means the same thing on every slide;
+  - with scribbles, a batch ends training only when it holds every stroke value and the
+    pixels of each lie in that stroke's cluster (`STROKE_AGREEMENT`) besides showing few
+    enough labels: the paper trains on its one image, strokes and all, at every iteration,
+    while a batch of tiles may lack a stroke the network has not learned yet (measured: on a
+    synthetic slide, a batch without the stroma stroke stopped training at iteration 20 with
+    that stroke's pixels in cluster 15, not 2);
   - after training, the batch-norm statistics are recomputed over all training tiles
     (`calibrate_batch_norm`) and the network is applied in eval mode: the response of a pixel
     then depends only on its 2M+1 neighbourhood, so a slide clustered chunk by chunk with a
@@ -55,6 +61,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+#: The share of each stroke value's pixels in a batch whose cluster must be that value before
+#: the label count may end training (see the deviations above).
+STROKE_AGREEMENT = 0.95
 #: A pixel of a scribble image without a stroke; a stroke of value k pins its pixels to
 #: cluster k (so strokes 1 = nucleus, 2 = background make the mapping `nucleus=1`).
 UNSTROKED = 0
@@ -144,9 +153,20 @@ def continuity_loss(response: Tensor) -> Tensor:
 
 def scribble_loss(response: Tensor, scribbles: Tensor) -> Tensor:
     """Cross-entropy of the stroked pixels of `scribbles` (N, H, W, int; `UNSTROKED` elsewhere)
-    towards the cluster their stroke names."""
+    towards the cluster their stroke names, averaged per stroke value and then over values;
+    0 for a batch without strokes (a mean over no
+    pixels would be NaN)."""
     stroked = scribbles != UNSTROKED
-    return F.cross_entropy(response.permute(0, 2, 3, 1)[stroked], scribbles[stroked].long())
+    if not stroked.any():
+        return response.sum() * 0.0
+    pixels, targets = response.permute(0, 2, 3, 1)[stroked], scribbles[stroked].long()
+    per_pixel = F.cross_entropy(pixels, targets, reduction="none")
+    # The mean of each stroke value's mean, so a dab on stroma weighs as much as long strokes
+    # over many nuclei (the paper's one mean lets the larger stroke drown the smaller).
+    values, value_of = torch.unique(targets, return_inverse=True)
+    sums = torch.zeros(len(values), device=per_pixel.device).index_add_(0, value_of, per_pixel)
+    counts = torch.bincount(value_of, minlength=len(values))
+    return (sums / counts).mean()
 
 
 def clustering_loss(
@@ -218,7 +238,8 @@ def fit_clustering(
     """Train a clustering network on `tiles` (N, C, H, W raw pixels, any numeric dtype):
     every iteration draws `config.batch_size` tiles (seeded), takes one SGD step on their
     loss, and training ends once a batch shows `min_labels` distinct labels or fewer (with
-    `scribbles` (N, H, W), the number of distinct strokes), or after `max_iterations`.
+    `scribbles` (N, H, W), the number of distinct strokes, and only on a batch that holds
+    every stroke and agrees with them, `strokes_learned`), or after `max_iterations`.
 
     `on_iteration(iteration, loss, labels)` is called after each step (for progress, tracking).
     The same tiles, config and device give the same network.
@@ -228,7 +249,8 @@ def fit_clustering(
     _check_tiles(tiles, scribbles, config)
     min_labels = config.min_labels
     if scribbles is not None:
-        min_labels = len(np.unique(scribbles[scribbles != UNSTROKED]))
+        stroke_values = np.unique(scribbles[scribbles != UNSTROKED])
+        min_labels = len(stroke_values)
     device = torch.device(device)
     network = _new_network(tiles, config).to(device)
     optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum)
@@ -240,7 +262,8 @@ def fit_clustering(
     for iteration in range(config.max_iterations):
         batch = _batch(rng, len(tiles), config.batch_size)
         response = network(pixels[batch].to(device))
-        labels = int(torch.unique(response.argmax(dim=1)).numel())
+        clusters = response.argmax(dim=1)
+        labels = int(torch.unique(clusters).numel())
         target = strokes[batch].to(device) if strokes is not None else None
         loss = clustering_loss(response, config, target)
         optimizer.zero_grad()
@@ -250,11 +273,25 @@ def fit_clustering(
         run.label_counts.append(labels)
         if on_iteration is not None:
             on_iteration(iteration, run.losses[-1], labels)
-        if labels <= min_labels:
+        if labels <= min_labels and (
+            target is None or strokes_learned(clusters, target, len(stroke_values))
+        ):
             break
     calibrate_batch_norm(network, pixels, config.batch_size)
     network.eval()
     return run
+
+
+def strokes_learned(clusters: Tensor, strokes: Tensor, n_values: int) -> bool:
+    """Whether a batch (clusters and strokes, N, H, W) holds all `n_values` stroke values and,
+    of each value, at least `STROKE_AGREEMENT` of its pixels lie in that value's cluster (per
+    value: a small stroke must not hide behind a large one)."""
+    values = torch.unique(strokes[strokes != UNSTROKED])
+    if int(values.numel()) < n_values:
+        return False
+    return all(
+        float((clusters[strokes == v] == v).float().mean()) >= STROKE_AGREEMENT for v in values
+    )
 
 
 def _batch(rng: np.random.Generator, n: int, size: int) -> np.ndarray:

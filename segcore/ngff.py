@@ -311,6 +311,14 @@ def create_image(
     return arrays
 
 
+def list_labels(labels: zarr.Group, names: Sequence[str]) -> None:
+    """Name `names` in the `labels` group's listing (once each, after those listed)."""
+    listed = get_metadata(labels).get("labels", [])
+    wanted = listed + [n for n in names if n not in listed]
+    if wanted != listed:
+        add_metadata(labels, {"version": _FORMAT.version, "labels": wanted}, fmt=_FORMAT)
+
+
 def create_label(
     root: zarr.Group,
     name: str,

@@ -20,6 +20,7 @@ from segcore.bootstrap import (
     receptive_halo,
     scribble_loss,
     similarity_loss,
+    strokes_learned,
 )
 
 #: A small network: a few seconds of CPU for every test here.
@@ -119,3 +120,25 @@ def test_bad_input_is_one_clear_error():
     run = fit_clustering(two_regions(), SMALL.model_copy(update={"max_iterations": 1}))
     with pytest.raises(ClusteringError, match=r"\(3, H, W\)"):
         predict_clusters(run.network, np.zeros((1, 8, 8), np.uint8))
+
+
+def test_scribble_loss_weighs_each_stroke_value_alike_and_a_strokeless_batch_as_zero():
+    response = torch.zeros(1, 3, 1, 4, requires_grad=True)
+    # Stroke 1 on three pixels, stroke 2 on one: every pixel scores log(3), so does each mean.
+    strokes = torch.tensor([[[1, 1, 1, 2]]])
+    assert scribble_loss(response, strokes).item() == pytest.approx(np.log(3))
+    logits = torch.zeros(1, 3, 1, 4)
+    logits[0, 1, 0, :3] = 4.0  # stroke 1 learned, stroke 2 not: the mean of the two means
+    per_value = [-torch.log_softmax(logits[0, :, 0, i], 0)[v] for i, v in ((0, 1), (3, 2))]
+    assert scribble_loss(logits, strokes).item() == pytest.approx(float(sum(per_value) / 2))
+    empty = scribble_loss(response, torch.zeros(1, 1, 4, dtype=torch.long))
+    empty.backward()
+    assert empty.item() == 0.0 and torch.isfinite(response.grad).all()
+
+
+def test_strokes_are_learned_only_when_every_value_agrees():
+    strokes = torch.tensor([[[1, 1, 1, 1, 2, 0]]])
+    assert strokes_learned(torch.tensor([[[1, 1, 1, 1, 2, 5]]]), strokes, 2)
+    # 80% of all stroked pixels agree, but none of stroke 2's.
+    assert not strokes_learned(torch.tensor([[[1, 1, 1, 1, 0, 5]]]), strokes, 2)
+    assert not strokes_learned(torch.tensor([[[1, 1, 1, 1, 2, 5]]]), strokes, 3)  # one missing
