@@ -159,6 +159,25 @@ def test_equals_predict_tiled_on_a_process_cluster(tmp_path, model, model_file):
         assert not (store / JOURNAL_DIR).exists()
 
 
+def test_a_batch_norm_model_segments_as_it_predicts(tmp_path, client):
+    """Batch norm's buffers (a 0-d step count among them) are part of the model's identity."""
+    torch.manual_seed(0)
+    model = UNet(3, 2, base_channels=4, depth=3, dropout=0.0, batch_norm=True)
+    model.train()
+    with torch.no_grad():  # running statistics of raw 0..255 pixels: not the defaults
+        model(torch.rand(4, 3, 92, 92) * 255)
+    model.eval()
+    path = tmp_path / "bn.pt"
+    save_unet(model, path)
+    image = smooth_image((130, 150), seed=4)
+    store = make_store(tmp_path / "s.zarr", image)
+    result = infer_slide(store, path, config(), client)
+    assert result.status == "written", result.error
+    np.testing.assert_array_equal(
+        SlideStore.open(store).segmentation[...], reference_classes(model, image)
+    )
+
+
 def test_background_blocks_are_not_computed(tmp_path, model, model_file, client):
     image = smooth_image((420, 520), seed=3)
     tissue = np.zeros((105, 130), np.uint8)

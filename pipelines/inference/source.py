@@ -18,7 +18,9 @@ def _digest(config: dict, state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in sorted(state):
         h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape: a 0-d tensor (batch norm's step count) cannot be viewed as bytes.
+        raw = state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        h.update(raw.numpy().tobytes())
     return h.hexdigest()
 
 
