@@ -14,6 +14,12 @@ bootstrap_archive` trains one clustering network on tiles of all of them and wri
 averaged. The nucleus clusters come from the stated automatic rule unless `--nucleus` names
 them. A data set that is absent is skipped with a line saying so.
 
+With `--scribbles N`, each data set is bootstrapped a second time with strokes as a user would
+dab them (simulated from the masks, seeded): stroke 1 on N nuclei per image (a disc of 2 px
+around each one's innermost pixel) and stroke 2 on N stroma spots (3 px discs at least 8 px
+from every nucleus), imported with `pipelines.scribbles.import_scribble_folder` and mapped
+`nucleus=1`; the table gains a "scribbles" row. The strokes cover well under 0.1% of the pixels.
+
 With `--unet`, instead of the table, the U-Net bar on MoNuSeg: the held-out tiles of
 `benchmarks/monuseg.py` (one per large organ, bladder and colon: 6), and for training the first
 `--per-organ` tiles of every organ among the rest (1: 7 tiles, one per organ). U-Net A trains
@@ -27,6 +33,7 @@ Bars (issue 15): the bootstrap beats Otsu on MoNuSeg foreground Dice; U-Net B re
 least 85% of U-Net A's mean held-out Dice.
 Usage: python benchmarks/bootstrap.py [--workdir DIR] [--tiles 30] [--iterations 1000]
        [--n-tiles 32] [--tile-size 256] [--batch-size 8] [--mu 5] [--device cpu] [--nucleus 3,7]
+       [--scribbles N]
        [--unet [--per-organ 1] [--steps 800] [--base 8] [--depth 4] [--output 132]
        [--batch 4] [--lr 2e-3]]
 (On a shared, busy 2-core CPU (load 6-9), `--tiles 6 --tile-size 128 --batch-size 4
@@ -50,12 +57,14 @@ import tifffile
 # benchmarks/monuseg.py, found beside this script: its organ-stratified split and scoring.
 from monuseg import HELD_OUT, ORGANS, VALIDATION, organ_of, score_variant, sources, tile_id
 from PIL import Image
+from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from pipelines.bootstrap import BootstrapConfig, bootstrap_archive
 from pipelines.cluster import ClusterConfig, dask_client
 from pipelines.infer import InferConfig, infer_archive
 from pipelines.ingest import IngestConfig, ingest_archive
+from pipelines.scribbles import import_scribble_folder
 from pipelines.sources import SlideSource
 from pipelines.train import TrainConfig, train
 from pipelines.weightmaps import WeightsConfig, weights_archive
@@ -94,12 +103,53 @@ def read_mask(path: Path) -> np.ndarray:
     return tifffile.imread(path) if path.suffix == ".tif" else np.asarray(Image.open(path))
 
 
+def simulated_strokes(truth: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Strokes a user might dab (module docstring): 1 on `n` nuclei, 2 on `n` stroma spots."""
+    rng = np.random.default_rng(seed)
+    strokes = np.zeros(truth.shape, np.uint8)
+    rows, cols = np.ogrid[: truth.shape[0], : truth.shape[1]]
+    nuclei, count = ndimage.label(truth > 0)
+    inside = ndimage.distance_transform_edt(truth > 0)
+    for k in rng.choice(np.arange(1, count + 1), size=min(n, count), replace=False):
+        y, x = np.unravel_index(int(np.argmax(np.where(nuclei == k, inside, 0))), truth.shape)
+        strokes[((rows - y) ** 2 + (cols - x) ** 2 <= 4) & (nuclei == k)] = 1
+    ys, xs = np.nonzero(ndimage.distance_transform_edt(truth == 0) >= 8)
+    for i in rng.choice(len(ys), size=min(n, len(ys)), replace=False):
+        strokes[(rows - ys[i]) ** 2 + (cols - xs[i]) ** 2 <= 9] = 2
+    return strokes
+
+
+def with_scribbles(
+    name: str,
+    pairs: list[tuple[Path, Path]],
+    stores: list[Path],
+    workdir: Path,
+    config: BootstrapConfig,
+    n: int,
+    client,
+) -> list:
+    """Bootstrap `stores` again guided by simulated strokes (`simulated_strokes`)."""
+    folder = workdir / f"{name}-strokes"
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, ((_, mask_path), store) in enumerate(zip(pairs, stores, strict=True)):
+        strokes = simulated_strokes(read_mask(mask_path), n, seed)
+        Image.fromarray(strokes).save(folder / f"{store.name.removesuffix('.zarr')}.png")
+    import_scribble_folder(folder, stores)
+    guided = config.model_copy(update={"nucleus": (1,)})
+    results = bootstrap_archive(stores, guided, client=client)
+    for result in results:
+        if result.status == "failed":
+            raise SystemExit(f"{name}: bootstrap with scribbles failed: {result.error}")
+    return results
+
+
 def run(
     name: str,
     pairs: list[tuple[Path, Path]],
     workdir: Path,
     config: BootstrapConfig,
     client,
+    scribbles: int = 0,
 ) -> None:
     """Ingest `pairs`' images, bootstrap them, print per-data-set means side by side."""
     ingest = IngestConfig(chunk_size=512, min_level_size=256, cluster=config.cluster)
@@ -121,6 +171,17 @@ def run(
         slide = SlideStore.open(store)
         rows["bootstrap"].append(scores(truth, slide.annotations[...]))
         rows["otsu"].append(scores(truth, otsu_foreground(slide.image(0)[...])))
+    if scribbles:
+        mark = time.perf_counter()
+        guided = with_scribbles(name, pairs, stores, workdir, config, scribbles, client)
+        rows["scribbles"] = [
+            scores(read_mask(mask_path), SlideStore.open(store).annotations[...])
+            for (_, mask_path), store in zip(pairs, stores, strict=True)
+        ]
+        print(
+            f"{name}: with {scribbles} + {scribbles} strokes per image: "
+            f"{guided[0].iterations} iterations, {time.perf_counter() - mark:.1f} s"
+        )
     first = results[0]
     print(
         f"\n{name}: {len(pairs)} image(s), {seconds:.1f} s ingest + bootstrap; nucleus "
@@ -294,6 +355,9 @@ def main() -> None:
     parser.add_argument("--mu", type=float, default=5.0, help="continuity weight (paper: 5)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--nucleus", default=None, help="nucleus cluster ids (default: the rule)")
+    parser.add_argument(
+        "--scribbles", type=int, default=0, help="also bootstrap with N + N simulated strokes"
+    )
     unet = parser.add_argument_group("--unet: U-Net on bootstrap labels vs on true labels")
     unet.add_argument("--unet", action="store_true", help="run this instead of the table")
     unet.add_argument("--per-organ", type=int, default=1, help="training tiles per organ")
@@ -333,7 +397,7 @@ def main() -> None:
             if not present:
                 print(f"{name}: skipped, {DATA} holds no {name} data")
                 continue
-            run(name, pairs(), workdir, config, client)
+            run(name, pairs(), workdir, config, client, args.scribbles)
 
 
 if __name__ == "__main__":

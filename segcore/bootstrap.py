@@ -20,10 +20,13 @@ image itself, with its own argmax as the target:
     stop       when the number of distinct labels falls to `min_labels` (the network starts
                with about q and merges clusters as it trains), or after `max_iterations`
 
-Defaults (`ClusteringConfig`) are the paper's: p = q = 100, mu = 5, nu = 0.5 (the reference
-implementation's scribble weight), lr 0.1, momentum 0.9, T = 1000 iterations, M = 2 and a
-minimum of 3 labels (the reference implementation's `--nConv 2`, `--minLabels 3`). With
-scribbles the minimum becomes the number of distinct strokes, as there.
+Defaults (`ClusteringConfig`) are the paper's: p = q = 100, mu = 5 (the reference
+implementation, kanezaki/pytorch-unsupervised-segmentation-tip demo.py, defaults to
+`--stepsize_con 1`; `continuity_weight` sets it), nu = 0.5 (the reference implementation's
+scribble weight, whose strokes mark "no stroke" with 255 where segflow uses 0), lr 0.1,
+momentum 0.9, T = 1000 iterations, M = 2 and a minimum of 3 labels (the reference
+implementation's `--nConv 2`, `--minLabels 3`). With scribbles the minimum becomes the number
+of distinct strokes, as there.
 
 Deviations, each for running the network slide by slide rather than on one photograph:
   - inputs are standardised per channel (mean and standard deviation of the training pixels,
