@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=100, help="steps between validations")
     parser.add_argument("--base", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--batch-norm", action="store_true", help="batch norm after each conv")
     parser.add_argument("--output", type=int, default=132, help="training tile output side")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -226,7 +227,12 @@ def main() -> None:
     config = TrainConfig(
         stores=[stores[t] for t in train_tiles],
         val_stores=[stores[t] for t in VALIDATION],
-        model={"base_channels": args.base, "depth": args.depth, "dropout": 0.5},
+        model={
+            "base_channels": args.base,
+            "depth": args.depth,
+            "batch_norm": args.batch_norm,
+            "dropout": 0.5,
+        },
         augment={"stain_sigma": args.stain_sigma, "stain_bias": args.stain_bias},
         output_size=args.output,
         batch_size=args.batch,
@@ -271,7 +277,8 @@ def main() -> None:
     wall = time.perf_counter() - start
 
     print(
-        f"\nU-Net base {args.base} depth {args.depth}, {args.steps} steps of {args.batch} x "
+        f"\nU-Net base {args.base} depth {args.depth}"
+        f"{' batch norm' if args.batch_norm else ''}, {args.steps} steps of {args.batch} x "
         f"{args.output}^2 output px, loss {args.loss}, stain jitter sigma {args.stain_sigma} "
         f"bias {args.stain_bias}, target {args.target}, class weights "
         f"{args.class_weights or 'balanced'}; {validation}"
