@@ -1,9 +1,10 @@
 """MLflow record of a label-bootstrap training: its settings, the loss curve, an overlay.
 
 One run per training in the experiment `segflow-bootstrap`: params are the output settings
-(`BootstrapConfig.settings`, flattened) with the chosen nucleus clusters and the rule that
-chose them; metrics `loss` and `labels` per iteration; `overlay.png` shows the first training
-tiles above their clusters (the nucleus clusters outlined in white).
+(`BootstrapConfig.settings`, flattened) with the chosen nucleus clusters, the rule that
+chose them and how many pixels of the training tiles were stroked (`pipelines.scribbles`);
+metrics `loss` and `labels` per iteration; `overlay.png` shows the first training tiles above
+their clusters (the nucleus clusters outlined in white).
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ def track_bootstrap(tracking_uri: str, settings: dict, trained: BootstrapTrainin
         else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(tracking_uri))
     )
     run_id = client.create_run(experiment_id, run_name=f"bootstrap-{int(time.time())}").info.run_id
-    params = _flat(redact_tree(settings)) | {"nucleus": json.dumps(list(nucleus)), "rule": rule}
+    stroked = 0 if trained.scribbles is None else int(np.count_nonzero(trained.scribbles))
+    params = _flat(redact_tree(settings)) | {
+        "nucleus": json.dumps(list(nucleus)),
+        "rule": rule,
+        "stroked_pixels": str(stroked),  # of the training tiles; 0: no scribbles
+    }
     items = [Param(k, v[:6000]) for k, v in params.items()]
     for start in range(0, len(items), _PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start : start + _PARAMS_PER_BATCH])

@@ -27,6 +27,7 @@ from pipelines.scribbles import (
     scribble_files,
     stroke_index,
 )
+from pipelines.services import mlflow_client
 from pipelines.sources import SlideSource
 from segcore.bootstrap import ClusteringConfig
 from segcore.store import SlideStore
@@ -230,4 +231,7 @@ def test_segflow_bootstrap_with_scribbles_from_the_command_line(slide, tmp_path,
         out = capsys.readouterr().out
     assert "scribbles" in out and "written" in out
     attrs = zarr.open_group(store / "labels" / "bootstrap", mode="r").attrs["segflow"]
-    assert "scribbles" in attrs["identity"]["inputs"]
+    assert "scribbles" in attrs["identity"]["inputs"] and attrs["stroked_pixels"] > 0
+    client = mlflow_client(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    params = client.get_run(attrs["mlflow_run_id"]).data.params
+    assert int(params["stroked_pixels"]) == attrs["stroked_pixels"]
