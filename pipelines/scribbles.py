@@ -101,6 +101,8 @@ def import_scribble_folder(folder: Path, stores: Sequence[Where]) -> list[Scribb
 
 
 def scribbles_identity(image: Where) -> Identity:
+    """What a store's scribbles are made from: the stroke file's content (not its name or
+    place, so a moved file with the same strokes is the same input)."""
     return Identity(
         stage=SCRIBBLES, format=SCRIBBLES_FORMAT, inputs={"file": sha256_of(image)}, settings={}
     )
