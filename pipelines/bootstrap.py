@@ -276,20 +276,27 @@ def _tissue_centre(
 
 
 def _stroke_centres(
-    slides: Sequence[SlideStore], strokes: dict[Where, StrokeIndex], n: int, seed: int
+    slides: Sequence[SlideStore], strokes: dict[Where, StrokeIndex], n_tiles: int, seed: int
 ) -> list[tuple[int, int, int]]:
-    """`n` (slide index, y, x) on stroked pixels: the stroke values in turn (so a value
-    drawn on a few pixels is trained on as often as one drawn on many), a slide by its pixels
-    of that value, then one of those pixels, each equally likely."""
+    """(slide index, y, x) on stroked pixels for half of `n_tiles` (rounded up, at least one
+    per stroke value where the tiles allow; none without strokes): the stroke values in turn
+    (so a value drawn on a few pixels is trained on as often as one drawn on many), a slide by
+    its pixels of that value, then one of those pixels, each equally likely."""
     values = sorted({v for index in strokes.values() for v in index.counts})
-    rng = np.random.default_rng([seed, 1])  # apart from the tissue draws' generator
-    centres = []
-    for k in range(n):
-        value = values[k % len(values)]
+    if not values:
+        return []
+    # Per value, each slide's chance: its share of that value's pixels.
+    chances = {}
+    for value in values:
         totals = np.array(
             [strokes[s.path].total(value) if s.path in strokes else 0 for s in slides]
         )
-        i = int(rng.choice(len(slides), p=totals / totals.sum()))
+        chances[value] = totals / totals.sum()
+    rng = np.random.default_rng([seed, 1])  # apart from the tissue draws' generator
+    centres = []
+    for k in range(min(n_tiles, max((n_tiles + 1) // 2, len(values)))):
+        value = values[k % len(values)]
+        i = int(rng.choice(len(slides), p=chances[value]))
         centres.append((i, *strokes[slides[i].path].draw(value, rng)))
     return centres
 
@@ -317,9 +324,7 @@ def sample_tiles(
             for (on, _, k), s in zip(cells, slides, strict=True)
         ]
     )
-    values = {v for index in strokes.values() for v in index.counts}
-    n_stroked = min(n_tiles, max((n_tiles + 1) // 2, len(values))) if strokes else 0
-    centres = _stroke_centres(slides, strokes, n_stroked, seed)
+    centres = _stroke_centres(slides, strokes, n_tiles, seed)
     rng = np.random.default_rng(seed)
     for index in rng.choice(len(slides), size=n_tiles - len(centres), p=area / area.sum()):
         centres.append((int(index), *_tissue_centre(slides[index], cells[index], rng)))
