@@ -17,10 +17,13 @@ from ome_zarr_models.v05 import Image
 from PIL import Image as PILImage
 from scipy import ndimage
 
+# The bootstrap stage's own tests: their cluster and ingest settings.
+from test_bootstrap_stage import INGEST, THREADS
+
 from flows.cli import main
 from pipelines.bootstrap import BootstrapConfig, bootstrap_archive, sample_tiles
-from pipelines.cluster import ClusterConfig, dask_client
-from pipelines.ingest import IngestConfig, ingest_slide
+from pipelines.cluster import dask_client
+from pipelines.ingest import ingest_slide
 from pipelines.scribbles import (
     ScribblesError,
     import_scribbles,
@@ -32,10 +35,14 @@ from pipelines.sources import SlideSource
 from segcore.bootstrap import ClusteringConfig
 from segcore.store import SlideStore
 from segcore.synthetic import write_synthetic_slide
-from segcore.tissue import TissueConfig
 
-THREADS = ClusterConfig(n_workers=1, threads_per_worker=2, processes=False)
-INGEST = IngestConfig(chunk_size=64, min_level_size=32, tissue=TissueConfig(max_size=96))
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client(THREADS) as c:
+        yield c
+
+
 CONFIG = BootstrapConfig(
     clustering=ClusteringConfig(channels=16, n_clusters=16, max_iterations=40, min_labels=2),
     tile_size=64,
@@ -45,12 +52,6 @@ CONFIG = BootstrapConfig(
     nucleus=(1,),
     cluster=THREADS,
 )
-
-
-@pytest.fixture(scope="module")
-def client():
-    with dask_client(THREADS) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +233,6 @@ def test_segflow_bootstrap_with_scribbles_from_the_command_line(slide, tmp_path,
     assert "scribbles" in out and "written" in out
     attrs = zarr.open_group(store / "labels" / "bootstrap", mode="r").attrs["segflow"]
     assert "scribbles" in attrs["identity"]["inputs"] and attrs["stroked_pixels"] > 0
-    client = mlflow_client(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
-    params = client.get_run(attrs["mlflow_run_id"]).data.params
+    tracking = mlflow_client(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    params = tracking.get_run(attrs["mlflow_run_id"]).data.params
     assert int(params["stroked_pixels"]) == attrs["stroked_pixels"]
