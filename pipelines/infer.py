@@ -25,6 +25,7 @@ from typing import Literal
 
 import dask.array as da
 import numpy as np
+import zarr
 from distributed import Client
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +74,8 @@ from pipelines.storage import exists, writable_folder
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
 from segcore.orientation import OrientationSet, orientations
+from segcore.stain import StainInputError
+from segcore.stain_standardization import StainMoments, StainStandardization, slide_stain_moments
 from segcore.store import LABELS_GROUP, SEGMENTATION, SlideStore
 from segcore.weights import target_classes
 
@@ -306,6 +309,23 @@ def _settings(session: _Session, plan: SlidePlan, config: InferConfig) -> dict:
     }
 
 
+def _stain_standardization(
+    slide: SlideStore, image: zarr.Array, model: ModelSource
+) -> StainStandardization | None:
+    """The slide's map to the stain moments the model was trained on, for a model trained
+    with stain standardisation (its config's `stain_reference`); None for others."""
+    reference = model.config.get("stain_reference")
+    if reference is None:
+        return None
+    try:
+        return StainStandardization(slide_stain_moments(image), StainMoments.from_dict(reference))
+    except StainInputError as exc:
+        raise InferError(
+            f"{slide.path}: model {model.uri} standardises stains, but this slide's cannot be "
+            f"measured ({exc})"
+        ) from exc
+
+
 def _tissue_fraction(slide: SlideStore) -> float:
     """Share of the slide covered by its tissue mask (streamed chunk by chunk)."""
     mask = slide.tissue
@@ -322,6 +342,7 @@ def _jobs(
     work: WorkGroup,
     session: _Session,
     config: InferConfig,
+    stain: StainStandardization | None,
 ) -> Iterator[tuple[str, tuple[BlockJob]]]:
     """One job per block not yet `done`, in raster order."""
     # Read from the store once (each read of a store's metadata is a request on S3).
@@ -346,6 +367,7 @@ def _jobs(
             precision=session.numerics.precision,
             skip_background=config.skip_background,
             foreground_threshold=config.foreground_threshold,
+            stain=stain,
         )
         yield block.name, (job,)
 
@@ -373,6 +395,7 @@ def _segment(
             f"{slide.path}: model {model.uri} expects {model.config['in_channels']} channels, "
             f"the slide has {channels}"
         )
+    stain = _stain_standardization(slide, image, model)
     classes = target_classes(model.config["n_classes"])
     if config.separation == "boundary" and "boundary" not in classes:
         raise InferError(
@@ -433,7 +456,7 @@ def _segment(
         outcomes = journal.done()
         resumed = len(outcomes)
         task = progress.slide(slide.name, len(plan.blocks), resumed)
-        jobs = _jobs(slide, plan, journal, outcomes, work, session, config)
+        jobs = _jobs(slide, plan, journal, outcomes, work, session, config, stain)
         ran: Counter[str] = Counter()  # this run's blocks only: resumed ones ran before
         for name, outcome in _run_blocks(session, jobs, slide.path):
             outcomes[name] = outcome

@@ -61,6 +61,7 @@ from segcore.checkpoint import save_unet, unet_state_dict
 from segcore.geometry import UNetGeometry
 from segcore.normalization import Normalization
 from segcore.stain import stain_statistics
+from segcore.stain_standardization import StainMoments
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "end_process_runs", "main", "train"]
 
@@ -128,8 +129,14 @@ def _target_classes(config: TrainConfig) -> tuple[str, ...]:
     return next(iter(found))
 
 
-def _unet_config(config: TrainConfig, channels: int, classes: tuple[str, ...]) -> dict:
+def _unet_config(
+    config: TrainConfig,
+    channels: int,
+    classes: tuple[str, ...],
+    stain_reference: StainMoments | None,
+) -> dict:
     model = config.model.model_dump()
+    model["stain_reference"] = stain_reference.to_dict() if stain_reference else None
     if model["in_channels"] is None:
         model["in_channels"] = channels
     elif model["in_channels"] != channels:
@@ -152,9 +159,10 @@ def _build_module(
     channels: int,
     normalization: Normalization,
     classes: tuple[str, ...],
+    stain_reference: StainMoments | None,
 ) -> UNetModule:
     return UNetModule(
-        unet_config=_unet_config(config, channels, classes),
+        unet_config=_unet_config(config, channels, classes, stain_reference),
         normalization=normalization.model_dump(),
         tile_output=tile.output,
         loss=config.loss,
@@ -262,7 +270,9 @@ def _train(config: TrainConfig) -> TrainResult:
         config.augment.check_channels(datamodule.channels)  # before any work, in one line
     normalization = _normalization(config, datamodule, resume_payload)
     classes = _target_classes(config)
-    module = _build_module(config, tile, datamodule.channels, normalization, classes)
+    module = _build_module(
+        config, tile, datamodule.channels, normalization, classes, datamodule.stain_reference
+    )
 
     last = ModelCheckpoint(
         filename="step{step:07d}",

@@ -22,6 +22,10 @@ class UNetConfig:
     padding: Padding = "valid"
     batch_norm: bool = False
     dropout: float = 0.5
+    #: The stain moments its input slides are standardised to (`StainMoments.to_dict()`,
+    #: segcore.stain_standardization), or None for raw slide pixels. Not used by the network
+    #: itself: it says what its input must be, so it travels wherever the configuration does.
+    stain_reference: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,10 +67,18 @@ class UNet(nn.Module):
         padding: Padding = "valid",
         batch_norm: bool = False,
         dropout: float = 0.5,
+        stain_reference: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.config = UNetConfig(
-            in_channels, n_classes, base_channels, depth, padding, batch_norm, dropout
+            in_channels,
+            n_classes,
+            base_channels,
+            depth,
+            padding,
+            batch_norm,
+            dropout,
+            stain_reference,
         )
         self.geometry = UNetGeometry(depth=depth, padding=padding)
         widths = [base_channels * 2**level for level in range(depth)]

@@ -18,6 +18,7 @@ from pipelines.location import Where
 from pipelines.storage import write_file
 from segcore.ngff import writable
 from segcore.separation import foreground_classes
+from segcore.stain_standardization import StainStandardization
 from segcore.store import StoreError, read_checked, zarr_location
 from segcore.tiling import TilePlan, predict_padded
 
@@ -45,6 +46,8 @@ class BlockJob:
     #: Foreground where P(not background) exceeds it (segcore.separation.foreground_classes);
     #: None: argmax.
     foreground_threshold: float | None = None
+    #: The slide's stain standardisation, for a model trained with one (UNetConfig.stain_reference).
+    stain: StainStandardization | None = None
 
 
 def _open(where: Where, mode: str) -> zarr.Array:
@@ -62,27 +65,28 @@ def has_tissue(job: BlockJob) -> bool:
     return bool(read_checked(mask, (rows, cols)).any())
 
 
-def read_input(job: BlockJob) -> np.ndarray:
-    """The block's padded C x PH x PW input: one contiguous read, mirrored in memory."""
-    rows, cols = job.block.input_indices(job.slide_shape)
+def _read_gathered(job: BlockJob, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """image[:, rows, cols] for mirrored index vectors: one contiguous read of their bounding
+    window (stain-standardised where the job says, a per-pixel map), then a gather."""
     image = _open(job.image, "r")
     r0, c0 = int(rows.min()), int(cols.min())
     window = read_checked(
         image, (slice(None), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
     )
+    if job.stain is not None:
+        window = job.stain(window)
     return window[:, rows - r0][:, :, cols - c0]
+
+
+def read_input(job: BlockJob) -> np.ndarray:
+    """The block's padded C x PH x PW input: one contiguous read, mirrored in memory."""
+    return _read_gathered(job, *job.block.input_indices(job.slide_shape))
 
 
 def read_view(job: BlockJob, view: OrientedView) -> np.ndarray:
     """One orientation's padded C x PH x PW input of the block (oriented, mirrored at the
     slide's borders): one contiguous read of the source window, gathered."""
-    rows, cols = view.source_indices(job.slide_shape)
-    image = _open(job.image, "r")
-    r0, c0 = int(rows.min()), int(cols.min())
-    window = read_checked(
-        image, (slice(None), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
-    )
-    gathered = window[:, rows - r0][:, :, cols - c0]
+    gathered = _read_gathered(job, *view.source_indices(job.slide_shape))
     return gathered.transpose(0, 2, 1) if view.orientation.transpose else gathered
 
 

@@ -92,6 +92,10 @@ class TrainConfig(BaseModel):
     background_weight: float = Field(default=0.05, ge=0)
     #: Fixed per-channel normalisation; None = estimated from training tiles.
     normalization: Normalization | None = None
+    #: Standardise each slide's H, E and D stain moments to the training slides' mean
+    #: (segcore.stain_standardization; RGB only). The reference travels with the model, and
+    #: inference standardises every slide to it.
+    stain_standardization: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     augment_enabled: bool = True
     model: ModelConfig = Field(default_factory=ModelConfig)

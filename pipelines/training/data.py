@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,10 +28,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines.inference.plan import SlidePlan, plan_slide
 from pipelines.location import Where
-from pipelines.training.chunk_cache import ChunkCache
+from pipelines.training.chunk_cache import ChunkCache, ChunkTransform
 from pipelines.training.config import TrainConfig
 from segcore.geometry import UNetGeometry
 from segcore.normalization import INPUT_DTYPE
+from segcore.stain import StainInputError
+from segcore.stain_standardization import (
+    StainMoments,
+    StainStandardization,
+    reference_moments,
+    slide_stain_moments,
+)
 from segcore.store import TARGET, TRAINING_GROUP, WEIGHT, SlideStore, open_group, read_checked
 from segcore.tiling import reflect_indices
 
@@ -209,10 +216,14 @@ def _whole(array: zarr.Array) -> tuple[slice, ...]:
 
 
 def read_mirrored(
-    array: zarr.Array, rows: np.ndarray, cols: np.ndarray, cache: ChunkCache | None = None
+    array: zarr.Array,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    cache: ChunkCache | None = None,
+    transform: ChunkTransform | None = None,
 ) -> np.ndarray:
     """array[..., rows, cols] for mirrored index vectors: one bounding-box read (through
-    `cache` where given), then a gather.
+    `cache` where given, mapped pixel by pixel by `transform` where given), then a gather.
 
     A chunk that fails to decode raises `StoreError` naming it (`read_checked`)."""
     r0, r1 = int(rows.min()), int(rows.max()) + 1
@@ -220,8 +231,9 @@ def read_mirrored(
     if cache is None:
         lead = (slice(None),) * (array.ndim - 2)
         block = read_checked(array, (*lead, slice(r0, r1), slice(c0, c1)))
+        block = block if transform is None else transform(block)
     else:
-        block = cache.read(array, slice(r0, r1), slice(c0, c1))
+        block = cache.read(array, slice(r0, r1), slice(c0, c1), transform)
     return _gather(_gather(block, rows - r0, axis=-2), cols - c0, axis=-1)
 
 
@@ -276,17 +288,24 @@ class _LazyStores:
 
 class TileDataset(Dataset):
     """Reads the input tile, target and weight around one output origin (mirrored at edges),
-    keeping up to `cache_bytes` of decoded chunks per process (`ChunkCache`).
+    keeping up to `cache_bytes` of decoded chunks per process (`ChunkCache`); `stains`, one
+    per store where given, standardise each store's image.
 
     Indexed by `TileSampler` positions, so it has no length of its own.
     """
 
     def __init__(
-        self, paths: list[Where], tile: TileShape, with_weight: bool, cache_bytes: int = 0
+        self,
+        paths: list[Where],
+        tile: TileShape,
+        with_weight: bool,
+        cache_bytes: int = 0,
+        stains: list[StainStandardization] | None = None,
     ) -> None:
         self.stores = _LazyStores(paths, cache_bytes)
         self.tile = tile
         self.with_weight = with_weight
+        self.stains = stains
 
     def __getitem__(self, position: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         s, y, x = position
@@ -296,8 +315,9 @@ class TileDataset(Dataset):
         m, t = self.tile.margin, self.tile.input
         rows = reflect_indices(y - m, y - m + t, height)
         cols = reflect_indices(x - m, x - m + t, width)
+        stain = self.stains[s] if self.stains is not None else None
         item = {
-            "image": torch.from_numpy(read_mirrored(store.image, rows, cols, cache)),
+            "image": torch.from_numpy(read_mirrored(store.image, rows, cols, cache, stain)),
             "target": torch.from_numpy(read_mirrored(store.target, rows, cols, cache)),
         }
         if self.with_weight:
@@ -315,6 +335,8 @@ class Region:
     x: int
     height: int
     width: int
+    #: The store's stain standardisation, for a model trained with one.
+    stain: StainStandardization | None = None
 
 
 def resolve_regions(config: TrainConfig) -> list[Region]:
@@ -394,7 +416,7 @@ class BlockDataset(Dataset):
             "block": block.index,
             # Plain values: Lightning's batch transfer rejects frozen dataclasses like TilePlan.
             "tiles": asdict(block.tiles),
-            "padded": torch.from_numpy(read_mirrored(image, rows, cols)),
+            "padded": torch.from_numpy(read_mirrored(image, rows, cols, transform=region.stain)),
             "target": read_checked(store.target, (ys, xs)),
         }
 
@@ -442,6 +464,14 @@ def validation_loader(
     return DataLoader(dataset, batch_size=1, collate_fn=first_item)
 
 
+def _stain_moments(path: Where) -> StainMoments:
+    """A store's stain moments (segcore.stain_standardization), or a TrainingDataError naming it."""
+    try:
+        return slide_stain_moments(SlideStore.open(path).image(0))
+    except StainInputError as exc:
+        raise TrainingDataError(f"{path}: cannot standardise its stains ({exc})") from exc
+
+
 class SlideTileDataModule(pl.LightningDataModule):
     """Random training tiles from `config.stores`, validation block by block of held-out regions."""
 
@@ -457,6 +487,20 @@ class SlideTileDataModule(pl.LightningDataModule):
             raise TrainingDataError(f"training stores disagree on channels: {sorted(channels)}")
         self.channels = channels.pop()
         self.regions = resolve_regions(config)
+        #: The stain moments every store is standardised to (`config.stain_standardization`):
+        #: the mean of the training stores' own.
+        self.stain_reference: StainMoments | None = None
+        self.stains: list[StainStandardization] | None = None
+        if config.stain_standardization:
+            moments = [_stain_moments(s.path) for s in self.stores]
+            self.stain_reference = reference_moments(moments)
+            self.stains = [StainStandardization(m, self.stain_reference) for m in moments]
+            self.regions = [
+                replace(
+                    r, stain=StainStandardization(_stain_moments(r.store), self.stain_reference)
+                )
+                for r in self.regions
+            ]
 
     def sampler(self, rank: int) -> TileSampler:
         return TileSampler(
@@ -474,6 +518,7 @@ class SlideTileDataModule(pl.LightningDataModule):
             self.tile,
             self.with_weight,
             cache_bytes=self.config.loader_cache_mb * 2**20,
+            stains=self.stains,
         )
 
     def _rank_world(self) -> tuple[int, int]:
