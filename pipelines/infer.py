@@ -511,6 +511,9 @@ def _segment(
                 "n_instances": result.n_instances,
                 "seams": result.seams,
                 "blocks": result.blocks,
+                # The slide's own stain moments, where the model standardises them: how far
+                # its staining was from the model's reference.
+                "stain_moments": stain.slide.to_dict() if stain is not None else None,
             },
         )
         install_run(work, output, slide.path, config.probabilities is not None)

@@ -225,5 +225,10 @@ def test_a_standardising_model_segments_through_inference_as_it_validated(tmp_pa
     written = zarr.open_array(tmp_path / "out" / "val.zarr" / "probabilities" / "0", mode="r")
     probabilities = np.asarray(written[...], np.float32)
     np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-3)
+    record = zarr.open_group(tmp_path / "out" / "val.zarr" / "labels" / "segmentation").attrs
+    assert (
+        record["segflow"]["stain_moments"]
+        == slide_stain_moments(SlideStore.open(val_store).image(0)).to_dict()
+    )
     raw = torch.softmax(torch.from_numpy(predict_tiled(net, image, tile_size=72)), 0)
     assert np.abs(raw.numpy() - probabilities).mean() > 0.01  # unstandardised: other outputs
