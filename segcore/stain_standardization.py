@@ -39,7 +39,8 @@ from segcore.stain import (
 from segcore.store import read_checked
 
 #: Level-0 chunks read, at most, to measure a slide's moments: evenly spread over its chunk
-#: grid, so a gigapixel slide costs as much as a 2 x 2 mm field and a small tile is read whole.
+#: grid, so a gigapixel slide costs 64 chunk reads (16 Mpx in 512 px chunks) and a small tile
+#: is read whole.
 MAX_SAMPLE_CHUNKS = 64
 
 
