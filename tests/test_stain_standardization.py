@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from torch.utils.data import DataLoader
 from train_stores import synthetic_store, tiny_config, write_store
 
 from pipelines.cluster import ClusterConfig
@@ -232,3 +233,30 @@ def test_a_standardising_model_segments_through_inference_as_it_validated(tmp_pa
     )
     raw = torch.softmax(torch.from_numpy(predict_tiled(net, image, tile_size=72)), 0)
     assert np.abs(raw.numpy() - probabilities).mean() > 0.01  # unstandardised: other outputs
+
+
+def test_loader_worker_processes_standardise_alike(tmp_path):
+    """The maps travel to forkserver workers (pickled) and give the in-process tiles."""
+    store = pale_store(tmp_path / "p.zarr", size=96, seed=2)
+    moments = slide_stain_moments(SlideStore.open(store).image(0))
+    tile = tile_shape(UNetGeometry(depth=3), None, 32)
+    stains = [StainStandardization(moments, REFERENCE)]
+    dataset = TileDataset([store], tile, with_weight=False, cache_bytes=2**20, stains=stains)
+    positions = [(0, y, x) for y in (-10, 20, 64) for x in (0, 33, 70)]
+
+    def images(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(
+            dataset,
+            batch_size=3,
+            sampler=positions,
+            num_workers=workers,
+            multiprocessing_context="forkserver" if workers else None,
+        )
+        return [batch["image"] for batch in loader]
+
+    single, parallel = images(0), images(2)
+    assert len(single) == 3
+    for a, b in zip(single, parallel, strict=True):
+        assert torch.equal(a, b)
+    raw = TileDataset([store], tile, with_weight=False)[positions[0]]["image"].numpy()
+    np.testing.assert_array_equal(single[0][0].numpy(), stains[0](raw))
