@@ -13,6 +13,12 @@ the best threshold of the cell probability) on 25-29, with and without test-time
 and the wall time. Bar on a 2-core CPU: IoU >= 0.85 and pixel error <= 0.10 in at most 30
 minutes; aim: rand_error_best <= 0.25.
 Usage: python benchmarks/isbi2012.py [--steps 1200] [--workdir DIR] [--base 16] [--depth 4]
+       [--batch-norm] [--loss ce|weighted_ce]
+
+The defaults (plain CE, 1200 steps) meet the bar. For the Rand error aim, measured idle:
+`--loss weighted_ce --batch-norm --steps 4500` takes 14.4 min and scores rand_error_best 0.223
+with the 8-fold test-time averaging (0.276 on one pass), IoU 0.879, pixel error 0.102 on one
+pass (0.098 averaged): the weighted loss closes membranes, at a little pixel error.
 """
 
 from __future__ import annotations
@@ -94,6 +100,12 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=100, help="steps between validations")
     parser.add_argument("--base", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument(
+        "--batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="batch norm after each conv",
+    )
     parser.add_argument("--output", type=int, default=164, help="training tile output side")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -115,7 +127,12 @@ def main() -> None:
         config = TrainConfig(
             stores=[stores[i] for i in TRAIN],
             val_stores=[stores[i] for i in VALIDATION],
-            model={"base_channels": args.base, "depth": args.depth, "dropout": 0.5},
+            model={
+                "base_channels": args.base,
+                "depth": args.depth,
+                "batch_norm": args.batch_norm,
+                "dropout": 0.5,
+            },
             output_size=args.output,
             batch_size=args.batch,
             max_steps=args.steps,
@@ -142,7 +159,8 @@ def main() -> None:
         scores = scored["plain"]
     wall = time.perf_counter() - start
     print(
-        f"U-Net base {args.base} depth {args.depth}, {args.steps} steps of "
+        f"U-Net base {args.base} depth {args.depth}{' batch norm' if args.batch_norm else ''}, "
+        f"{args.steps} steps of "
         f"{args.batch} x {args.output}^2 output px, loss {args.loss}"
     )
     print(f"validation (slice 24, best checkpoint): IoU {result.metrics['best_val_iou']:.4f}")
