@@ -13,7 +13,7 @@ import zarr
 from distributed import get_worker
 
 from pipelines.inference.model import ModelPlugin
-from pipelines.inference.plan import Block, OrientedView
+from pipelines.inference.plan import Block
 from pipelines.location import Where
 from pipelines.storage import write_file
 from segcore.ngff import writable
@@ -65,29 +65,31 @@ def has_tissue(job: BlockJob) -> bool:
     return bool(read_checked(mask, (rows, cols)).any())
 
 
-def _read_gathered(job: BlockJob, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """image[:, rows, cols] for mirrored index vectors: one contiguous read of their bounding
-    window (stain-standardised where the job says, a per-pixel map), then a gather."""
-    image = _open(job.image, "r")
-    r0, c0 = int(rows.min()), int(cols.min())
-    window = read_checked(
-        image, (slice(None), slice(r0, int(rows.max()) + 1), slice(c0, int(cols.max()) + 1))
-    )
+@dataclass(frozen=True)
+class _SourceWindow:
+    """A block's source pixels, read once: every pass of the block (one, or one per
+    orientation) gathers its mirrored input from them."""
+
+    pixels: np.ndarray
+    r0: int
+    c0: int
+
+    def gather(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.pixels[:, rows - self.r0][:, :, cols - self.c0]
+
+
+def _read_window(job: BlockJob, indices: list[tuple[np.ndarray, np.ndarray]]) -> _SourceWindow:
+    """The bounding window of every (rows, cols) pair of mirrored index vectors in `indices`:
+    one contiguous read, stain-standardised where the job says (a per-pixel map, so done once
+    for all the passes that gather from it)."""
+    r0 = min(int(rows.min()) for rows, _ in indices)
+    r1 = max(int(rows.max()) for rows, _ in indices) + 1
+    c0 = min(int(cols.min()) for _, cols in indices)
+    c1 = max(int(cols.max()) for _, cols in indices) + 1
+    window = read_checked(_open(job.image, "r"), (slice(None), slice(r0, r1), slice(c0, c1)))
     if job.stain is not None:
         window = job.stain(window)
-    return window[:, rows - r0][:, :, cols - c0]
-
-
-def read_input(job: BlockJob) -> np.ndarray:
-    """The block's padded C x PH x PW input: one contiguous read, mirrored in memory."""
-    return _read_gathered(job, *job.block.input_indices(job.slide_shape))
-
-
-def read_view(job: BlockJob, view: OrientedView) -> np.ndarray:
-    """One orientation's padded C x PH x PW input of the block (oriented, mirrored at the
-    slide's borders): one contiguous read of the source window, gathered."""
-    gathered = _read_gathered(job, *view.source_indices(job.slide_shape))
-    return gathered.transpose(0, 2, 1) if view.orientation.transpose else gathered
+    return _SourceWindow(window, r0, c0)
 
 
 def _predict(job: BlockJob, runner: ModelPlugin) -> tuple[torch.Tensor, bool]:
@@ -109,10 +111,18 @@ def _predict(job: BlockJob, runner: ModelPlugin) -> tuple[torch.Tensor, bool]:
             )
 
     if not job.block.views:
-        return run(read_input(job), job.block.tiles), False
+        indices = job.block.input_indices(job.slide_shape)
+        return run(_read_window(job, [indices]).gather(*indices), job.block.tiles), False
+    # Each orientation's padded input: its source rows and columns gathered (and transposed
+    # when the orientation transposes), all from one read.
+    sources = [view.source_indices(job.slide_shape) for view in job.block.views]
+    window = _read_window(job, sources)
     total = None
-    for view in job.block.views:
-        probabilities = torch.softmax(run(read_view(job, view), view.tiles)[:, *view.crop], dim=0)
+    for view, indices in zip(job.block.views, sources, strict=True):
+        pixels = window.gather(*indices)
+        if view.orientation.transpose:
+            pixels = pixels.transpose(0, 2, 1)
+        probabilities = torch.softmax(run(pixels, view.tiles)[:, *view.crop], dim=0)
         probabilities = view.orientation.invert(probabilities)
         total = probabilities if total is None else total.add_(probabilities)
     return total.div_(len(job.block.views)), True
